@@ -1,0 +1,127 @@
+"""Loading the DeepSpeed JSON config and checking it against the run before any engine work.
+
+The JSON stays DeepSpeed's own format; this module only fills in the two values that belong
+to the run rather than to the file (the TensorBoard directory and the schedule length, from
+--run-dir and --steps) and refuses combinations that would fail later, deep inside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+class ConfigError(ValueError):
+    """A bad combination of settings; the message names the problem and the fix."""
+
+
+def default_config_path(cuda_available: bool, bf16_supported: bool) -> Path:
+    if not cuda_available:
+        name = "cpu.json"
+    else:
+        name = "gpu_bf16.json" if bf16_supported else "gpu_fp16.json"
+    return CONFIG_DIR / name
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass --deepspeed_config with a file "
+                          f"such as {CONFIG_DIR / 'cpu.json'}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    micro_batch_size: int  # per data-parallel rank
+    grad_accum_steps: int  # micro-batches per optimizer step (the pipeline's m)
+    data_parallel: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.data_parallel
+
+
+def resolve_batch(ds: dict, data_parallel: int) -> BatchShape:
+    """DeepSpeed's rule: train_batch_size = micro_batch * grad_accum * data_parallel; any two
+    of the three determine the third."""
+    tbs = ds.get("train_batch_size")
+    mbs = ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps")
+    fix = ("set train_micro_batch_size_per_gpu and gradient_accumulation_steps in the DeepSpeed "
+           "config and leave train_batch_size out (it is derived)")
+    for key, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mbs),
+                   ("gradient_accumulation_steps", gas)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    if mbs is not None and gas is not None:
+        if tbs is not None and tbs != mbs * gas * data_parallel:
+            raise ConfigError(
+                f"batch sizes do not add up: train_batch_size {tbs} != micro batch {mbs} x grad accum "
+                f"{gas} x data parallel {data_parallel} = {mbs * gas * data_parallel}; {fix}")
+        return BatchShape(mbs, gas, data_parallel)
+    if tbs is None:
+        raise ConfigError(f"the DeepSpeed config gives no batch size; {fix}")
+    if mbs is not None:
+        gas, rem = divmod(tbs, mbs * data_parallel)
+    else:
+        gas = gas or 1
+        mbs, rem = divmod(tbs, gas * data_parallel)
+    if rem or gas < 1 or mbs < 1:
+        raise ConfigError(
+            f"batch sizes do not add up: train_batch_size {tbs} is not a multiple of "
+            f"(micro batch x grad accum x data parallel {data_parallel}); {fix}")
+    return BatchShape(mbs, gas, data_parallel)
+
+
+def check_run(ds: dict, cfg: ModelConfig, *, pipe_stages: int, world_size: int, seq_len: int,
+              cuda_available: bool) -> BatchShape:
+    """Refuses, with one line each, what DeepSpeed would reject later or silently get wrong."""
+    if pipe_stages < 1:
+        raise ConfigError(f"--pipe-stages must be >= 1, got {pipe_stages}")
+    if pipe_stages > cfg.depth:
+        raise ConfigError(f"--pipe-stages {pipe_stages} is more than the model's {cfg.depth} blocks: "
+                          f"every stage needs at least one block; use --pipe-stages <= {cfg.depth}")
+    if world_size % pipe_stages:
+        raise ConfigError(f"--pipe-stages {pipe_stages} does not divide the world size {world_size}: "
+                          f"launch a multiple of {pipe_stages} processes or change --pipe-stages")
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage >= 2 and pipe_stages > 1:
+        raise ConfigError(f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism "
+                          f"({pipe_stages} stages): use ZeRO-1 with pipeline parallelism "
+                          f'("zero_optimization": {{"stage": 1}})')
+    if seq_len < 1 or seq_len > cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} is beyond the model's maximum of {cfg.max_seq_len}; "
+                          f"use --seq-len <= {cfg.max_seq_len} or a preset with a longer max_seq_len")
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    if fp16 and bf16:
+        raise ConfigError("the DeepSpeed config enables both fp16 and bf16: enable one")
+    if fp16 and not cuda_available:
+        raise ConfigError("fp16 needs a GPU (no CUDA device found): use ds_configs/cpu.json "
+                          "(fp32) or a bf16 config on this machine")
+    if ds.get("scheduler", {}).get("params", {}).get("total_num_steps") is not None:
+        raise ConfigError("the DeepSpeed config sets scheduler.params.total_num_steps; remove it: "
+                          "the schedule length is taken from --steps")
+    return resolve_batch(ds, world_size // pipe_stages)
+
+
+def fill_run_values(ds: dict, *, steps: int, run_dir: Path) -> dict:
+    """A copy of the config with the run's own values filled in."""
+    ds = copy.deepcopy(ds)
+    sched = ds.get("scheduler")
+    if sched and sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        sched.setdefault("params", {})["total_num_steps"] = steps
+    tb = ds.get("tensorboard")
+    if tb and tb.get("enabled") and not tb.get("output_path"):
+        tb["output_path"] = str(run_dir)
+    return ds

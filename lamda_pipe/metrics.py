@@ -1,0 +1,64 @@
+"""Rank-0 training logs: metrics.jsonl, TensorBoard (through DeepSpeed's monitor) and stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step or evaluation. Only the rank given
+    `enabled=True` writes; the others call the same methods and do nothing.
+
+    Throughput is measured between log calls with the wall clock: `train_batch` returns
+    only after the pipeline's last communication, so no extra device sync is needed.
+    TensorBoard scalars go through the DeepSpeed engine's monitor, into the same event files
+    as DeepSpeed's own loss/lr/loss-scale curves, on its x-axis (samples seen).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tokens_per_step: int, flops_per_token: int,
+                 monitor=None):
+        self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.monitor = monitor
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self._mark: tuple[float, int] | None = None
+
+    def start(self, step: int) -> None:
+        """Starts (or restarts, after an evaluation or a save) the throughput clock."""
+        self._mark = (time.perf_counter(), step)
+
+    def _write(self, record: dict, samples: int, tb: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.monitor is not None and self.monitor.enabled:
+            self.monitor.write_events([(f"Train/Samples/{k}", v, samples) for k, v in tb.items()])
+
+    def log_train(self, step: int, samples: int, loss: float, lr: float, loss_scale: float) -> dict | None:
+        now = time.perf_counter()
+        t0, step0 = self._mark or (now, step)
+        self._mark = (now, step)
+        if not self.enabled:
+            return None
+        elapsed = now - t0
+        tokens_per_s = (step - step0) * self.tokens_per_step / elapsed if elapsed > 0 else math.nan
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        record = {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale,
+                  "tokens_per_s": tokens_per_s, "tflops": tflops, "time": time.time()}
+        self._write(record, samples, {"tokens_per_s": tokens_per_s, "tflops": tflops})
+        print(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | loss scale {loss_scale:g} | "
+              f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s", flush=True)
+        return record
+
+    def log_eval(self, step: int, samples: int, val_loss: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "val_loss": val_loss, "time": time.time()}, samples, {"val_loss": val_loss})
+        print(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}", flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
