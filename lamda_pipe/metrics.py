@@ -19,8 +19,10 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, enabled: bool, tokens_per_step: int, flops_per_token: int,
-                 monitor=None):
+                 monitor=None, monitor_writes_loss_scale: bool = False):
         self.enabled = enabled
+        # DeepSpeed's monitor records the loss scale itself under fp16; otherwise we do.
+        self.tb_loss_scale = not monitor_writes_loss_scale
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.monitor = monitor
@@ -48,7 +50,10 @@ class MetricsLogger:
         tflops = tokens_per_s * self.flops_per_token / 1e12
         record = {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale,
                   "tokens_per_s": tokens_per_s, "tflops": tflops, "time": time.time()}
-        self._write(record, samples, {"tokens_per_s": tokens_per_s, "tflops": tflops})
+        tb = {"tokens_per_s": tokens_per_s, "tflops": tflops}
+        if self.tb_loss_scale:
+            tb["loss_scale"] = loss_scale
+        self._write(record, samples, tb)
         print(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | loss scale {loss_scale:g} | "
               f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s", flush=True)
         return record

@@ -137,7 +137,8 @@ def train(args, cfg: ModelConfig, ds: dict, batch) -> int:
 
     tokens_per_step = batch.global_batch_size * args.seq_len
     logger = MetricsLogger(args.run_dir, enabled=rank == 0, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops_per_token(cfg, args.seq_len), monitor=engine.monitor)
+                           flops_per_token=flops_per_token(cfg, args.seq_len), monitor=engine.monitor,
+                           monitor_writes_loss_scale=engine.fp16_enabled())
     if rank == 0:
         print(f"model {args.model}: {param_count(cfg) / 1e6:.2f}M parameters | {args.pipe_stages} stages x "
               f"{dp_size} data parallel | micro batch {batch.micro_batch_size} x {batch.grad_accum_steps} "

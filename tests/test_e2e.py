@@ -63,7 +63,7 @@ def test_launcher_run_writes_metrics_tensorboard_and_checkpoints(trained):
     assert [r["step"] for r in evals] == [3, 6]
 
     tags = tensorboard_tags(run_dir)
-    for name in ("train_loss", "lr", "tokens_per_s", "tflops", "val_loss"):
+    for name in ("train_loss", "lr", "loss_scale", "tokens_per_s", "tflops", "val_loss"):
         assert f"Train/Samples/{name}" in tags, sorted(tags)
 
     ckpt = run_dir / "checkpoints"
