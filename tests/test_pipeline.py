@@ -3,6 +3,8 @@ embedding, and the plain model rebuilt from a pipeline checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,71 @@ def test_plain_model_from_pipeline_checkpoint_matches_pipeline(two_stages):
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
     for r in results:
         assert loss == pytest.approx(r["eval_loss"], abs=1e-5)
+
+
+def losses_with(rank, stages, ds_overrides, model_cfg, steps=STEPS, patch_fp16=False):
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from lamda_pipe.distributed import init_distributed
+    from lamda_pipe.pipeline import build_pipeline
+
+    if patch_fp16:
+        # CPUs without AVX512-FP16 report no fp16 support; pretend, to run DeepSpeed's real
+        # dynamic loss scaler on the shipped fp16 config. Test only: never for users.
+        acc = get_accelerator()
+        acc.is_fp16_supported = lambda: True
+        acc.supported_dtypes = lambda: [torch.float, torch.half, torch.bfloat16]
+    init_distributed()
+    config = {**ds_config(), **ds_overrides}
+    net = build_pipeline(model_cfg, stages, seed=42,
+                         activation_checkpoint_interval=config.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=config)
+    it = token_stream().iterate()
+    losses, scales = [], []
+    for _ in range(steps):
+        losses.append(engine.train_batch(it).item())
+        scales.append(engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None)
+    return {"losses": losses, "scales": scales, "skipped": engine.skipped_steps}
+
+
+def test_activation_checkpointing_gives_the_same_losses():
+    """Recomputing blocks in the backward pass must not change the result (dropout 0: with
+    dropout, DeepSpeed seeds checkpointed layers differently)."""
+    cfg = CFG.replace(dropout=0.0)
+    plain = run_ranks(losses_with, 2, 2, {}, cfg)[0]["losses"]
+    ckpt = run_ranks(losses_with, 2, 2, {"pipeline": {"activation_checkpoint_interval": 1,
+                                                       "use_reentrant": False}}, cfg)[0]["losses"]
+    assert ckpt == plain
+
+
+def shipped_config(name, **extra):
+    """A shipped DeepSpeed config with the test's batch shape and torch's AdamW (no C++ build)."""
+    from lamda_pipe.ds_config import CONFIG_DIR, fill_run_values, load_config
+
+    config = fill_run_values(load_config(CONFIG_DIR / name), steps=20, run_dir=Path("unused"))
+    config.update(train_micro_batch_size_per_gpu=MBS, gradient_accumulation_steps=GAS, **extra)
+    config["optimizer"]["params"]["torch_adam"] = True
+    config["optimizer"]["params"]["lr"] = 3e-3
+    config["scheduler"]["params"]["warmup_num_steps"] = 2
+    config.pop("tensorboard", None)
+    return config
+
+
+def test_bf16_config_trains_two_stages():
+    result = run_ranks(losses_with, 2, 2, shipped_config("gpu_bf16.json"), CFG.replace(dropout=0.0), 8)[0]
+    assert all(np.isfinite(result["losses"]))
+    assert result["losses"][-1] < result["losses"][0] - 0.5
+
+
+def test_fp16_dynamic_loss_scale_backs_off_on_overflow():
+    """gpu_fp16.json with a start scale of 2^32: fp16 gradients overflow, DeepSpeed skips those
+    steps and halves the scale (hysteresis 1) until steps go through."""
+    config = shipped_config("gpu_fp16.json")
+    config["fp16"].update(initial_scale_power=32, hysteresis=1)
+    assert config["fp16"]["loss_scale"] == 0  # dynamic
+    result = run_ranks(losses_with, 2, 2, config, CFG.replace(dropout=0.0), 8, True)[0]
+    scales = result["scales"]
+    assert result["skipped"] > 0
+    assert scales[0] < 2 ** 32 and all(b <= a for a, b in zip(scales, scales[1:]))
+    assert all(np.isfinite(result["losses"]))
