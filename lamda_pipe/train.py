@@ -7,6 +7,7 @@ start the process group -> data -> pipeline engine -> (resume) -> train/eval/sav
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from .ds_config import ConfigError, check_run, default_config_path, fill_run_val
 from .distributed import launch_env, set_cpu_threads
 
 CHECKPOINT_SUBDIR = "checkpoints"
+RUN_INFO = "lamda_run.json"  # model config and layout, beside DeepSpeed's files in each checkpoint
 SAMPLE_MAX_PARAMS = 2_000_000_000  # above this, gathering the model on rank 0 for a sample is skipped
 
 
@@ -66,14 +68,41 @@ def preflight(args) -> tuple[ModelConfig, dict, object]:
                       cuda_available=cuda)
     ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
     if args.load is not None:
-        if not (args.load / "latest").is_file():
-            raise ConfigError(f"--load {args.load}: no 'latest' file there, so no checkpoint to resume; "
-                              f"point --load at a directory written by a run (RUN_DIR/{CHECKPOINT_SUBDIR})")
+        check_resume(args.load, args.model, cfg, args.pipe_stages)
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
                           f"--load {ckpt_dir}, or choose a new --run-dir (nothing was changed)")
     args.deepspeed_config = None  # the loaded dict is passed to deepspeed.initialize instead
     return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch
+
+
+def write_run_info(tag_dir: Path, info: dict) -> None:
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tag_dir / (RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, tag_dir / RUN_INFO)
+
+
+def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int) -> None:
+    """The checkpoint must exist and match the model and stage layout of this run."""
+    latest = load_dir / "latest"
+    if not latest.is_file():
+        raise ConfigError(f"--load {load_dir}: no 'latest' file there, so no checkpoint to resume; "
+                          f"point --load at a directory written by a run (RUN_DIR/{CHECKPOINT_SUBDIR})")
+    tag_dir = load_dir / latest.read_text().strip()
+    if not tag_dir.is_dir():
+        raise ConfigError(f"--load {load_dir}: 'latest' names {tag_dir.name}, which does not exist")
+    info_path = tag_dir / RUN_INFO
+    if not info_path.is_file():
+        return  # written by another tool: DeepSpeed's own checks apply
+    info = json.loads(info_path.read_text())
+    if ModelConfig.from_dict(info["model_config"]) != cfg:
+        raise ConfigError(f"--load {tag_dir} holds a different model (preset {info['model_preset']!r}) than "
+                          f"--model {preset}; resume with --model {info['model_preset']}")
+    if info["pipe_stages"] != pipe_stages:
+        raise ConfigError(f"--load {tag_dir} was saved with {info['pipe_stages']} pipeline stages; resume with "
+                          f"--pipe-stages {info['pipe_stages']} (changing the stage count on resume is not "
+                          f"supported yet)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +180,13 @@ def train(args, cfg: ModelConfig, ds: dict, batch) -> int:
         return sum(losses) / len(losses)
 
     def save() -> None:
-        engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{engine.global_steps}",
-                               client_state={"model_config": cfg.to_dict(), "model_preset": args.model,
-                                             "seq_len": args.seq_len,
-                                             "data_micro_batches": engine.global_steps * batch.grad_accum_steps})
+        tag = f"global_step{engine.global_steps}"
+        info = {"model_preset": args.model, "model_config": cfg.to_dict(), "pipe_stages": args.pipe_stages,
+                "data_parallel": dp_size, "seq_len": args.seq_len, "global_steps": engine.global_steps,
+                "data_micro_batches": engine.global_steps * batch.grad_accum_steps}
+        if rank == 0:  # written before DeepSpeed's files, so `latest` never points at a tag without it
+            write_run_info(ckpt_dir / tag, info)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=info)
         dist.barrier()
 
     logger.start(engine.global_steps)
