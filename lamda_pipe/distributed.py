@@ -48,10 +48,17 @@ def set_cpu_threads(local_world_size: int) -> int:
 
 
 def init_distributed() -> None:
-    """Starts the process group. Skips DeepSpeed's shared-memory all-reduce op, which is
-    used only for inference yet JIT-compiles C++ for ~30 s at every cold start."""
+    """Starts the process group without DeepSpeed's shared-memory all-reduce op: it serves only
+    inference, yet JIT-compiles C++ for ~30 s on every cold start. Its on/off switch is
+    DeepSpeed's table of compatible ops, read only there; setting the entry before the table
+    is first read also skips the probe that builds it (compiler runs, linker noise on stderr).
+    """
     import deepspeed
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if compatible is None:
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        compatible["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(auto_mpi_discovery=False)
