@@ -227,14 +227,17 @@ def print_sample(ckpt_dir: Path, cfg: ModelConfig, corpus, args) -> None:
     if param_count(cfg) > SAMPLE_MAX_PARAMS:
         print("sample skipped: the model is too large to gather on one process", flush=True)
         return
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
     tag = (ckpt_dir / "latest").read_text().strip()
-    model = load_plain_model(ckpt_dir / tag, cfg)
+    model = load_plain_model(ckpt_dir / tag, cfg).to(device)
     tok = corpus.load_tokenizer()
-    prompt = torch.tensor(tok.encode(args.sample_prompt).ids, dtype=torch.long)
+    prompt = torch.tensor(tok.encode(args.sample_prompt).ids, dtype=torch.long, device=device)
     torch.manual_seed(args.seed)
     new = AutoregressiveWrapper(model, max_seq_len=cfg.max_seq_len).generate(
         prompt, args.sample_tokens, top_k=40, eos_token=corpus.eot_id)
-    print(f"sample: {args.sample_prompt}{tok.decode(new.tolist())}", flush=True)
+    print(f"sample: {args.sample_prompt}{tok.decode(new.cpu().tolist())}", flush=True)
 
 
 if __name__ == "__main__":
