@@ -58,6 +58,8 @@ class RelativePositionBuckets:
     pipeline stage), so the per-step work of a layer is a single gather from its table.
     """
 
+    max_entries = 8  # training uses one shape; decoding walks through many, keep the latest few
+
     def __init__(self, num_buckets: int, max_distance: int):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
@@ -75,6 +77,8 @@ class RelativePositionBuckets:
             k_pos = torch.arange(k_len, device=device)
             rel = k_pos[None, :] - q_pos[:, None]  # (Tq, Tk) key - query
             hit = (relative_position_bucket(rel, self.num_buckets, self.max_distance), rel <= 0)
+            if len(self._cache) >= self.max_entries:
+                self._cache.pop(next(iter(self._cache)))  # the oldest
             self._cache[key] = hit
         return hit
 
