@@ -97,13 +97,16 @@ def prepare_corpus(paths: list[Path], out_dir: Path, vocab_size: int, val_every:
     """Tokenizes text files into out_dir (tokenizer.json, train.bin, val.bin, meta.json).
 
     Reuses an earlier result when the sources and vocabulary size are unchanged. Every
-    `val_every`-th document is held out for validation. Files are written under temporary
+    `val_every`-th document (at least one) is held out for validation. Files are written under temporary
     names and renamed, meta.json last, so an interrupted run is never taken as complete.
     """
     out_dir = Path(out_dir)
+    if val_every < 2:
+        raise ValueError(f"val_every must be >= 2 (every val_every-th document is held out), got {val_every}")
     docs = read_documents(paths)
     if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents to split train/val, found {len(docs)} in {paths}")
+        raise ValueError(f"need at least 2 documents (separated by blank lines) to split train/val, "
+                         f"found {len(docs)} in {[str(p) for p in paths]}")
     source_hash = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
     meta_path = out_dir / "meta.json"
     want = {"source_sha256": source_hash, "requested_vocab_size": vocab_size, "val_every": val_every}
@@ -116,9 +119,11 @@ def prepare_corpus(paths: list[Path], out_dir: Path, vocab_size: int, val_every:
     tok = train_tokenizer(docs, vocab_size)
     eot = tok.token_to_id(EOT)
     dtype = np.uint16 if tok.get_vocab_size() <= 2 ** 16 else np.uint32
+    # Every val_every-th document is held out; a corpus shorter than that holds out its last one.
+    val_ids = {i for i in range(len(docs)) if i % val_every == val_every - 1} or {len(docs) - 1}
     splits = {"train": [], "val": []}
     for i, enc in enumerate(tok.encode_batch(docs)):
-        splits["val" if i % val_every == val_every - 1 else "train"].append(enc.ids + [eot])
+        splits["val" if i in val_ids else "train"].append(enc.ids + [eot])
     tmp_tok = out_dir / f"tokenizer.json.tmp{os.getpid()}"
     tok.save(str(tmp_tok))
     os.replace(tmp_tok, out_dir / "tokenizer.json")

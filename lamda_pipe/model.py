@@ -214,10 +214,11 @@ class LaMDA(nn.Module):
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keeps the k largest logits per row (k tokens, as in the paper), -inf elsewhere."""
+    """Keeps exactly the k largest logits per row (k tokens, as in the paper; ties broken by
+    topk), -inf elsewhere."""
     k = max(1, min(int(k), logits.shape[-1]))
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    top = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
 
 
 class AutoregressiveWrapper(nn.Module):
