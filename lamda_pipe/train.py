@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
+from .data import resolve_text_paths
 from .ds_config import ConfigError, check_run, default_config_path, fill_run_values, load_config
 from .distributed import launch_env, set_cpu_threads
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return deepspeed.add_config_arguments(p)
 
 
-def preflight(args) -> tuple[ModelConfig, dict, object]:
+def preflight(args) -> tuple[ModelConfig, dict, object, list[Path]]:
     """Every check that needs no process group: bad input fails here, before any work."""
     import torch
 
@@ -72,8 +73,9 @@ def preflight(args) -> tuple[ModelConfig, dict, object]:
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
                           f"--load {ckpt_dir}, or choose a new --run-dir (nothing was changed)")
+    text_paths = resolve_text_paths(args.data)
     args.deepspeed_config = None  # the loaded dict is passed to deepspeed.initialize instead
-    return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch
+    return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, text_paths
 
 
 def write_run_info(tag_dir: Path, info: dict) -> None:
@@ -108,20 +110,20 @@ def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, ds, batch = preflight(args)
+        cfg, ds, batch, text_paths = preflight(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return 2
     env = launch_env(args.local_rank)
     set_cpu_threads(env.local_world_size)
-    return train(args, cfg, ds, batch)
+    return train(args, cfg, ds, batch, text_paths)
 
 
-def train(args, cfg: ModelConfig, ds: dict, batch) -> int:
+def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from .data import MicroBatchStream, prepare_corpus, resolve_text_paths
+    from .data import MicroBatchStream, prepare_corpus
     from .distributed import init_distributed
     from .metrics import MetricsLogger
     from .pipeline import build_pipeline
@@ -133,10 +135,10 @@ def train(args, cfg: ModelConfig, ds: dict, batch) -> int:
     # Data: rank 0 tokenizes (or finds the cached result), then everyone reads it.
     data_dir = args.run_dir / "data"
     if rank == 0:
-        corpus = prepare_corpus(resolve_text_paths(args.data), data_dir, cfg.vocab_size)
+        corpus = prepare_corpus(text_paths, data_dir, cfg.vocab_size)
     dist.barrier()
     if rank != 0:
-        corpus = prepare_corpus(resolve_text_paths(args.data), data_dir, cfg.vocab_size)
+        corpus = prepare_corpus(text_paths, data_dir, cfg.vocab_size)
     if corpus.vocab_size > cfg.vocab_size:
         raise SystemExit(f"ds_train.py: error: the tokenizer has {corpus.vocab_size} tokens, more than the "
                          f"model's vocab_size {cfg.vocab_size}")

@@ -123,3 +123,9 @@ def test_load_with_another_model_or_stage_count_refused(trained, tmp_path):
     assert proc.returncode == 2 and "resume with --pipe-stages 2" in proc.stderr
     proc = run_preflight(tmp_path, "--load", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "no 'latest' file" in proc.stderr
+
+
+def test_missing_data_refused_before_any_work(tmp_path):
+    proc = run_preflight(tmp_path, "--data", str(tmp_path / "no-such-corpus"))
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    assert not (tmp_path / "run").exists()
