@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
@@ -128,6 +129,8 @@ def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> in
     from .metrics import MetricsLogger
     from .pipeline import build_pipeline
 
+    # DeepSpeed's tied-weight broadcast triggers this on the first backward; it is harmless.
+    warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     init_distributed()
     rank = dist.get_rank()
     args.run_dir.mkdir(parents=True, exist_ok=True)
