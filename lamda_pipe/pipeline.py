@@ -16,6 +16,8 @@ no file of its own).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -23,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig
-from .model import LaMDA, RelativePositionBuckets, TokenEmbedding, init_block_weights, Block
+from .model import Block, LaMDA, RelativePositionBuckets, TokenEmbedding, init_block_weights
 
 TIED_KEY = "embed"
 
@@ -118,8 +120,6 @@ def load_plain_model(checkpoint_tag_dir, cfg: ModelConfig) -> LaMDA:
 
     Reads with weights_only=True: no pickled code is executed.
     """
-    from pathlib import Path
-
     tag_dir = Path(checkpoint_tag_dir)
     state = {}
     for layer_idx in range(cfg.depth + 2):
