@@ -1,20 +1,28 @@
-"""Text -> tokenizer -> packed token samples -> deterministic micro-batches.
+"""Reading prepared token data in training: sources, mixtures, deterministic micro-batches.
 
-What the trainer needs from this module is small: a tokenizer file, a vocabulary size and,
-per split, a ``MicroBatchStream`` whose micro-batch number m is a pure function of
-(seed, m, data-parallel rank). That makes the first and last pipeline stage read the same
-micro-batch without talking to each other, and makes the data position after a resume
-simply ``global_steps * gradient_accumulation_steps``.
+A prepared data dir (written by `lamda-prepare-data`, see lamda_pipe/prepare.py) holds
+train.bin / val.bin (token ids, each document followed by end-of-text), tokenizer.json and
+meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...".
+
+Sampling, in three layers, each a pure function of its index so that nothing has to be
+communicated or saved except one number, the samples consumed so far:
+* slot -> (source, k): the mixture. Slots come in blocks of MIX_BLOCK; each source gets a
+  fixed quota of every block (its weight, rounded by largest remainder) in a seeded order,
+  so realised proportions match the weights to within 1/MIX_BLOCK at every block boundary.
+* (source, k) -> sample: the k-th sample of the source's endless sequence of epochs, each
+  epoch a seeded permutation of its non-overlapping windows of seq_len + 1 tokens.
+* micro-batch m of data-parallel rank r takes slots offset + (m * dp_size + r) * mbs + j.
+  Ranks never share a slot; first and last pipeline stage compute the same micro-batch; a
+  resumed run passes offset = samples consumed and continues with the next unseen sample,
+  whatever the stage count or micro-batch split, as long as the global batch is unchanged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,169 +30,217 @@ import torch
 EOT = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
-SPECIAL_TOKENS = [EOT, PAD, UNK]
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
+MIX_BLOCK = 1024  # slots per mixture block; 1/16 weights (LaMDA's mix) are exact
+
+
+class DataSpecError(ValueError):
+    """Bad --data input; the message names the problem and the fix."""
 
 
 def bundled_corpus() -> list[Path]:
     """The demo corpus shipped with the package: six books of the King James Bible (public
-    domain), one document per chapter."""
+    domain), one document per chapter, documents separated by blank lines."""
     return sorted(CORPUS_DIR.glob("*.txt"))
 
 
-def read_documents(paths: list[Path]) -> list[str]:
-    """Plain text files; documents are separated by blank lines."""
-    docs = []
-    for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
-        docs.extend(d.strip() for d in text.split("\n\n") if d.strip())
-    return docs
-
-
-def resolve_text_paths(data: str | None) -> list[Path]:
-    if data is None:
-        return bundled_corpus()
-    p = Path(data)
-    if p.is_dir():
-        paths = sorted(p.glob("*.txt"))
-        if not paths:
-            raise FileNotFoundError(f"--data {data}: the directory holds no .txt files")
-        return paths
-    if p.is_file():
-        return [p]
-    raise FileNotFoundError(f"--data {data}: no such file or directory")
-
-
-def train_tokenizer(docs: list[str], vocab_size: int):
-    """Byte-level BPE (no unknown characters possible) with end-of-text, pad and unk tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer=trainer)
-    return tok
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def parse_data_spec(spec: str) -> list[tuple[Path, float]]:
+    """'DIR' or 'DIR_A:0.5,DIR_B:0.125' -> [(path, weight), ...], weights normalised to sum 1."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        raise DataSpecError("--data is empty; give a prepared data dir or 'DIR_A:0.5,DIR_B:0.5'")
+    out = []
+    for entry in entries:
+        path, sep, weight = entry.rpartition(":")
+        if not sep:
+            path, weight = entry, "1" if len(entries) == 1 else ""
+        try:
+            w = float(weight)
+        except ValueError:
+            w = math.nan
+        if not math.isfinite(w) or w <= 0:
+            raise DataSpecError(f"--data: cannot read a positive weight in {entry!r}; write a mixture as "
+                                f"'DIR_A:0.5,DIR_B:0.25' (weights > 0, normalised to sum 1)")
+        out.append((Path(path), w))
+    paths = [p for p, _ in out]
+    if len(set(paths)) != len(paths):
+        raise DataSpecError(f"--data names a dir twice: {spec!r}; give each dir once with its total weight")
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
 
 
 @dataclass
-class PreparedCorpus:
+class DataSource:
+    """One prepared data dir, opened lazily (memory-mapped, nothing read up front)."""
+
     directory: Path
-    vocab_size: int  # of the tokenizer
-    eot_id: int
-    train: np.ndarray  # 1-D token ids, documents separated by end-of-text
-    val: np.ndarray
+    weight: float
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
 
     @property
     def tokenizer_path(self) -> Path:
         return self.directory / "tokenizer.json"
 
-    def load_tokenizer(self):
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(self.tokenizer_path))
+    def tokens(self, split: str) -> np.ndarray:
+        info = self.meta["splits"][split]
+        if info["tokens"] == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(self.directory / info["file"], dtype=self.meta["dtype"], mode="r",
+                         shape=(info["tokens"],))
 
 
-def prepare_corpus(paths: list[Path], out_dir: Path, vocab_size: int, val_every: int = 20) -> PreparedCorpus:
-    """Tokenizes text files into out_dir (tokenizer.json, train.bin, val.bin, meta.json).
+def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSource]:
+    """Opens and checks every dir of a --data spec; refuses, one line each, what cannot train."""
+    from .prepare import read_meta
 
-    Reuses an earlier result when the sources and vocabulary size are unchanged. Every
-    `val_every`-th document (at least one) is held out for validation. Files are written under temporary
-    names and renamed, meta.json last, so an interrupted run is never taken as complete.
-    """
-    out_dir = Path(out_dir)
-    if val_every < 2:
-        raise ValueError(f"val_every must be >= 2 (every val_every-th document is held out), got {val_every}")
-    docs = read_documents(paths)
-    if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents (separated by blank lines) to split train/val, "
-                         f"found {len(docs)} in {[str(p) for p in paths]}")
-    source_hash = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
-    meta_path = out_dir / "meta.json"
-    want = {"source_sha256": source_hash, "requested_vocab_size": vocab_size, "val_every": val_every}
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in want.items()):
-            return _load_prepared(out_dir, meta)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(docs, vocab_size)
-    eot = tok.token_to_id(EOT)
-    dtype = np.uint16 if tok.get_vocab_size() <= 2 ** 16 else np.uint32
-    # Every val_every-th document is held out; a corpus shorter than that holds out its last one.
-    val_ids = {i for i in range(len(docs)) if i % val_every == val_every - 1} or {len(docs) - 1}
-    splits = {"train": [], "val": []}
-    for i, enc in enumerate(tok.encode_batch(docs)):
-        splits["val" if i in val_ids else "train"].append(enc.ids + [eot])
-    tmp_tok = out_dir / f"tokenizer.json.tmp{os.getpid()}"
-    tok.save(str(tmp_tok))
-    os.replace(tmp_tok, out_dir / "tokenizer.json")
-    counts = {}
-    for name, seqs in splits.items():
-        arr = np.fromiter((t for s in seqs for t in s), dtype=dtype)
-        _atomic_write_bytes(out_dir / f"{name}.bin", arr.tobytes())
-        counts[name] = {"tokens": int(arr.size), "documents": len(seqs)}
-    meta = {**want, "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
-            "splits": counts, "sources": [str(p) for p in paths]}
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
-    return _load_prepared(out_dir, meta)
+    sources = [DataSource(path, w, read_meta(path)) for path, w in parse_data_spec(spec)]
+    hashes = {s.meta["tokenizer_sha256"] for s in sources}
+    if len(hashes) > 1:
+        listing = ", ".join(f"{s.directory} ({s.meta['tokenizer_sha256'][:12]})" for s in sources)
+        raise DataSpecError(f"--data mixes dirs prepared with different tokenizers: {listing}; "
+                            f"prepare them all with the same tokenizer.json")
+    for s in sources:
+        if s.vocab_size > model_vocab:
+            raise DataSpecError(
+                f"{s.directory} was prepared with a {s.vocab_size}-token vocabulary, more than the model's "
+                f"{model_vocab}: pass --vocab-size {s.vocab_size} (or a multiple of 64 above it), or prepare "
+                f"the data with a tokenizer of at most {model_vocab} tokens")
+        train_tokens = s.meta["splits"]["train"]["tokens"]
+        if train_tokens < seq_len + 1:
+            raise DataSpecError(f"{s.directory} holds {train_tokens} training tokens, fewer than one sample of "
+                                f"--seq-len + 1 = {seq_len + 1}; use a shorter --seq-len or more data")
+    return sources
 
 
-def _load_prepared(out_dir: Path, meta: dict) -> PreparedCorpus:
-    def load(name):
-        return np.memmap(out_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
-    return PreparedCorpus(out_dir, meta["vocab_size"], meta["eot_id"], load("train"), load("val"))
+class ShuffledSamples:
+    """Sample k of an endless sequence of epochs over one token array's seq_len+1 windows."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+        self.tokens, self.seq_len, self.seed, self.shuffle = tokens, seq_len, seed, shuffle
+        self.num_samples = (len(tokens) - 1) // seq_len
+        if self.num_samples < 1:
+            raise ValueError(f"the data holds {len(tokens)} tokens, fewer than one sample of seq_len+1 = "
+                             f"{seq_len + 1}; use a shorter --seq-len or more data")
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation): the latest only
+
+    def window(self, k: int) -> int:
+        epoch, pos = divmod(k, self.num_samples)
+        if not self.shuffle:
+            return pos
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(self.num_samples, generator=g))
+        return int(self._order[1][pos])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        start = self.window(k) * self.seq_len
+        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+
+class Mixture:
+    """Global slot -> (source index, k-th sample of that source), exact quotas per block."""
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = MIX_BLOCK):
+        raw = [w * block for w in weights]
+        quotas = [int(r) for r in raw]
+        # largest remainder; ties to the earlier source
+        for i in sorted(range(len(raw)), key=lambda i: (quotas[i] - raw[i], i))[:block - sum(quotas)]:
+            quotas[i] += 1
+        if min(quotas) == 0:
+            raise DataSpecError(f"a mixture weight is below 1/{block}: each source needs at least one sample "
+                                f"in every {block}; raise the smallest weight")
+        self.quotas, self.block, self.seed = quotas, block, seed
+        self._pattern = np.repeat(np.arange(len(quotas)), quotas)
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != b:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + b)
+            src = self._pattern[torch.randperm(self.block, generator=g).numpy()]
+            rank = np.empty(self.block, dtype=np.int64)  # position of each slot among its source's
+            for i, q in enumerate(self.quotas):
+                rank[src == i] = np.arange(q)
+            self._cache = (b, src, rank)
+        return self._cache[1], self._cache[2]
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        if len(self.quotas) == 1:
+            return 0, slot
+        b, o = divmod(slot, self.block)
+        src, rank = self._block(b)
+        i = int(src[o])
+        return i, b * self.quotas[i] + int(rank[o])
 
 
 class MicroBatchStream:
     """Micro-batches of (inputs, labels), each (micro_batch_size, seq_len) int64.
 
-    Samples are non-overlapping windows of seq_len + 1 tokens. Sample slot s (counted over all
-    data-parallel ranks) is taken from a permutation of the samples seeded by (seed, epoch),
-    epoch = s // num_samples, so an epoch boundary starts a new order. Micro-batch m of
-    data-parallel rank r holds slots (m * dp_size + r) * mbs ... + mbs - 1: ranks never share
-    a slot, and the stream is a pure function of m.
+    `tokens` is one token array or a list of them (a mixture, with `weights`).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True):
-        self.tokens, self.seq_len, self.mbs = tokens, seq_len, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
-        self.num_samples = (len(tokens) - 1) // seq_len
-        if self.num_samples < 1:
-            raise ValueError(
-                f"the data holds {len(tokens)} tokens, fewer than one sample of seq_len+1 = "
-                f"{seq_len + 1}; use a shorter --seq-len or more data")
-        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, order), the latest only
+    def __init__(self, tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 weights: Sequence[float] | None = None):
+        arrays = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+        weights = list(weights) if weights is not None else [1.0 / len(arrays)] * len(arrays)
+        if len(weights) != len(arrays):
+            raise ValueError(f"{len(arrays)} token arrays but {len(weights)} weights")
+        self.sources = [ShuffledSamples(a, seq_len, seed + 104_729 * i, shuffle) for i, a in enumerate(arrays)]
+        self.mixture = Mixture(weights, seed)
+        self.seq_len, self.mbs, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
 
-    def _sample_index(self, slot: int) -> int:
-        epoch, pos = divmod(slot, self.num_samples)
-        if not self.shuffle:
-            return pos
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.num_samples, generator=g))
-        return int(self._perm[1][pos])
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.sources)
 
-    def sample(self, slot: int) -> np.ndarray:
-        start = self._sample_index(slot) * self.seq_len
-        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+    def slot_sample(self, slot: int) -> np.ndarray:
+        i, k = self.mixture.locate(slot)
+        return self.sources[i][k]
 
-    def micro_batch(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = (m * self.dp_size + self.dp_rank) * self.mbs
-        batch = torch.from_numpy(np.stack([self.sample(first + j) for j in range(self.mbs)]))
+    def micro_batch(self, m: int, slot_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        first = slot_offset + (m * self.dp_size + self.dp_rank) * self.mbs
+        batch = torch.from_numpy(np.stack([self.slot_sample(first + j) for j in range(self.mbs)]))
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) inputs, (B, T) labels
 
-    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, start: int = 0, slot_offset: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         m = start
         while True:
-            yield self.micro_batch(m)
+            yield self.micro_batch(m, slot_offset)
             m += 1
+
+
+def prepare_bundled(out_dir: Path, vocab_size: int) -> Path:
+    """The demo data: the bundled corpus with a tokenizer trained on it, prepared through the
+    same code as user data. Reused while it matches; rebuilt (replacing only this cache) when
+    the corpus or the vocabulary size changes."""
+    import hashlib
+
+    from .prepare import prepare_data, read_meta
+    from .text_sources import DataError, iter_documents
+    from .tokenizer import train_tokenizer
+
+    files = bundled_corpus()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+    source = f"bundled corpus {digest}, tokenizer trained to {vocab_size} tokens"
+    try:
+        if read_meta(out_dir)["source"] == source:
+            return out_dir
+    except DataError:
+        pass
+    docs = list(iter_documents(inputs=[str(p) for p in files]))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok_path = out_dir.parent / f".{out_dir.name}-tokenizer.json"
+    train_tokenizer(docs, vocab_size).save(str(tok_path))
+    prepare_data(docs, tok_path, out_dir, val_fraction=0.05, workers=1, force=True, source=source,
+                 progress=False)
+    tok_path.unlink()
+    return out_dir

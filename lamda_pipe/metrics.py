@@ -58,10 +58,16 @@ class MetricsLogger:
               f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s", flush=True)
         return record
 
-    def log_eval(self, step: int, samples: int, val_loss: float) -> None:
+    def log_eval(self, step: int, samples: int, val_loss: float, by_source: dict | None = None) -> None:
+        """val_loss is the mixture-weighted mean; with several sources each is logged too."""
         if not self.enabled:
             return
-        self._write({"step": step, "val_loss": val_loss, "time": time.time()}, samples, {"val_loss": val_loss})
+        record = {"step": step, "val_loss": val_loss, "time": time.time()}
+        tb = {"val_loss": val_loss}
+        if by_source:
+            record["val_loss_by_source"] = by_source
+            tb.update({f"val_loss/{name}": v for name, v in by_source.items()})
+        self._write(record, samples, tb)
         print(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}", flush=True)
 
     def close(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
-from .data import resolve_text_paths
+from .data import DataSpecError, open_sources
 from .ds_config import ConfigError, check_run, default_config_path, fill_run_values, load_config
 from .distributed import launch_env, set_cpu_threads
 
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
                    help="metrics.jsonl, TensorBoard events, checkpoints/ and data cache go here")
     p.add_argument("--data", default=None,
-                   help="a .txt file or a directory of .txt files (documents separated by blank lines); "
-                        "default: the bundled corpus")
+                   help="a dir written by lamda-prepare-data, or a mixture 'DIR_A:0.5,DIR_B:0.25'; "
+                        "default: the bundled corpus, prepared into RUN_DIR/data")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocabulary size (e.g. to fit an existing tokenizer)")
     p.add_argument("--load", type=Path, default=None,
                    help="resume from the latest checkpoint in this directory (e.g. RUN_DIR/checkpoints)")
     p.add_argument("--save-every", type=int, default=100, help="save a checkpoint every N steps (and at the end)")
@@ -52,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     return deepspeed.add_config_arguments(p)
 
 
-def preflight(args) -> tuple[ModelConfig, dict, object, list[Path]]:
+def preflight(args) -> tuple[ModelConfig, dict, object, list | None]:
     """Every check that needs no process group: bad input fails here, before any work."""
     import torch
 
     cfg = get_preset(args.model)
+    if args.vocab_size is not None:
+        cfg = cfg.replace(vocab_size=args.vocab_size)
     if args.seq_len is None:
         args.seq_len = cfg.max_seq_len
     for flag in ("steps", "save_every", "log_every", "eval_iters"):
@@ -69,24 +74,28 @@ def preflight(args) -> tuple[ModelConfig, dict, object, list[Path]]:
     batch = check_run(ds, cfg, pipe_stages=args.pipe_stages, world_size=world, seq_len=args.seq_len,
                       cuda_available=cuda)
     ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
+    sources = None
+    if args.data is not None:
+        sources = open_sources(args.data, model_vocab=cfg.vocab_size, seq_len=args.seq_len)
     if args.load is not None:
-        check_resume(args.load, args.model, cfg, args.pipe_stages)
+        check_resume(args.load, args.model, cfg, args.pipe_stages, sources)
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
                           f"--load {ckpt_dir}, or choose a new --run-dir (nothing was changed)")
-    text_paths = resolve_text_paths(args.data)
     args.deepspeed_config = None  # the loaded dict is passed to deepspeed.initialize instead
-    return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, text_paths
+    return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, sources
 
 
-def write_run_info(tag_dir: Path, info: dict) -> None:
+def write_run_info(tag_dir: Path, info: dict, tokenizer: Path) -> None:
+    """lamda_run.json and a copy of the tokenizer beside DeepSpeed's files: a self-describing checkpoint."""
     tag_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer, tag_dir / "tokenizer.json")
     tmp = tag_dir / (RUN_INFO + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, tag_dir / RUN_INFO)
 
 
-def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int) -> None:
+def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int, sources) -> None:
     """The checkpoint must exist and match the model and stage layout of this run."""
     latest = load_dir / "latest"
     if not latest.is_file():
@@ -106,25 +115,30 @@ def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int
         raise ConfigError(f"--load {tag_dir} was saved with {info['pipe_stages']} pipeline stages; resume with "
                           f"--pipe-stages {info['pipe_stages']} (changing the stage count on resume is not "
                           f"supported yet)")
+    tok_hash = info.get("tokenizer_sha256")
+    if sources and tok_hash and sources[0].meta["tokenizer_sha256"] != tok_hash:
+        raise ConfigError(f"--load {tag_dir} was trained on data tokenized with another tokenizer "
+                          f"(sha256 {tok_hash[:12]}) than --data ({sources[0].meta['tokenizer_sha256'][:12]}); "
+                          f"prepare the data with the run's tokenizer ({tag_dir / 'tokenizer.json'})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, ds, batch, text_paths = preflight(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        cfg, ds, batch, sources = preflight(args)
+    except (ConfigError, DataSpecError, FileNotFoundError, ValueError) as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return 2
     env = launch_env(args.local_rank)
     set_cpu_threads(env.local_world_size)
-    return train(args, cfg, ds, batch, text_paths)
+    return train(args, cfg, ds, batch, sources)
 
 
-def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> int:
+def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from .data import MicroBatchStream, prepare_corpus
+    from .data import MicroBatchStream, prepare_bundled
     from .distributed import init_distributed
     from .metrics import MetricsLogger
     from .pipeline import build_pipeline
@@ -135,16 +149,12 @@ def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> in
     rank = dist.get_rank()
     args.run_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data: rank 0 tokenizes (or finds the cached result), then everyone reads it.
-    data_dir = args.run_dir / "data"
-    if rank == 0:
-        corpus = prepare_corpus(text_paths, data_dir, cfg.vocab_size)
-    dist.barrier()
-    if rank != 0:
-        corpus = prepare_corpus(text_paths, data_dir, cfg.vocab_size)
-    if corpus.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"ds_train.py: error: the tokenizer has {corpus.vocab_size} tokens, more than the "
-                         f"model's vocab_size {cfg.vocab_size}")
+    if sources is None:  # the demo: rank 0 prepares the bundled corpus (or finds it cached)
+        data_dir = args.run_dir / "data"
+        if rank == 0:
+            prepare_bundled(data_dir, cfg.vocab_size)
+        dist.barrier()
+        sources = open_sources(str(data_dir), model_vocab=cfg.vocab_size, seq_len=args.seq_len)
 
     net = build_pipeline(cfg, args.pipe_stages, args.seed,
                          activation_checkpoint_interval=ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
@@ -152,45 +162,62 @@ def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> in
         args=args, model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds)
 
     ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
+    tokens_per_step = batch.global_batch_size * args.seq_len
+    # Samples consumed before this run's first step: the data position, saved in every checkpoint.
+    samples_at_start = 0
     if args.load is not None:
-        path, _ = engine.load_checkpoint(str(args.load))
+        path, client_state = engine.load_checkpoint(str(args.load))
         if path is None:
             raise SystemExit(f"ds_train.py: error: could not load a checkpoint from {args.load}")
+        samples_at_start = (client_state or {}).get("samples_consumed",
+                                                   engine.global_steps * batch.global_batch_size)
         if rank == 0:
-            print(f"resumed from {path} at step {engine.global_steps}", flush=True)
+            print(f"resumed from {path} at step {engine.global_steps}, {samples_at_start} samples consumed",
+                  flush=True)
+    step_at_start = engine.global_steps
+
+    def samples_consumed() -> int:
+        return samples_at_start + (engine.global_steps - step_at_start) * batch.global_batch_size
 
     dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
 
-    def stream(tokens, shuffle):
+    def stream(tokens, shuffle, weights=None):
         return MicroBatchStream(tokens, args.seq_len, batch.micro_batch_size, dp_rank, dp_size,
-                                seed=args.seed, shuffle=shuffle)
+                                seed=args.seed, shuffle=shuffle, weights=weights)
 
-    train_stream, val_stream = stream(corpus.train, True), stream(corpus.val, False)
-    # Deterministic by micro-batch index: resuming continues with the next unseen micro-batch.
-    train_iter = train_stream.iterate(start=engine.global_steps * batch.grad_accum_steps)
+    train_stream = stream([s.tokens("train") for s in sources], True, [s.weight for s in sources])
+    train_iter = train_stream.iterate(slot_offset=samples_at_start)
+    val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
+                   if len(s.tokens("val")) > args.seq_len}
 
-    tokens_per_step = batch.global_batch_size * args.seq_len
     logger = MetricsLogger(args.run_dir, enabled=rank == 0, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token(cfg, args.seq_len), monitor=engine.monitor,
                            monitor_writes_loss_scale=engine.fp16_enabled())
     if rank == 0:
+        mix = ", ".join(f"{s.directory} ({s.weight:.3g}: {len(s.tokens('train')):,} train / "
+                        f"{len(s.tokens('val')):,} val tokens)" for s in sources)
         print(f"model {args.model}: {param_count(cfg) / 1e6:.2f}M parameters | {args.pipe_stages} stages x "
               f"{dp_size} data parallel | micro batch {batch.micro_batch_size} x {batch.grad_accum_steps} "
-              f"micro-batches x seq {args.seq_len} = {tokens_per_step} tokens/step | "
-              f"train {len(corpus.train)} tokens, val {len(corpus.val)}", flush=True)
+              f"micro-batches x seq {args.seq_len} = {tokens_per_step} tokens/step\ndata: {mix}", flush=True)
+        if not val_streams:
+            print("no validation: no data dir has a val split longer than --seq-len", flush=True)
 
-    def evaluate() -> float:
-        it = val_stream.iterate(0)
-        losses = [engine.eval_batch(it).item() for _ in range(args.eval_iters)]
-        return sum(losses) / len(losses)
+    def evaluate() -> dict[str, float]:
+        """Mean loss over the first --eval-iters batches of each source's val split (same every time)."""
+        out = {}
+        for name, (_, vs) in val_streams.items():
+            it = vs.iterate(0)
+            out[name] = sum(engine.eval_batch(it).item() for _ in range(args.eval_iters)) / args.eval_iters
+        return out
 
     def save() -> None:
         tag = f"global_step{engine.global_steps}"
         info = {"model_preset": args.model, "model_config": cfg.to_dict(), "pipe_stages": args.pipe_stages,
                 "data_parallel": dp_size, "seq_len": args.seq_len, "global_steps": engine.global_steps,
-                "data_micro_batches": engine.global_steps * batch.grad_accum_steps}
-        if rank == 0:  # written before DeepSpeed's files, so `latest` never points at a tag without it
-            write_run_info(ckpt_dir / tag, info)
+                "samples_consumed": samples_consumed(), "data": args.data or str(args.run_dir / "data"),
+                "tokenizer_sha256": sources[0].meta["tokenizer_sha256"]}
+        if rank == 0:  # written before DeepSpeed's files, so `latest` never points at a tag without them
+            write_run_info(ckpt_dir / tag, info, sources[0].tokenizer_path)
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=info)
         dist.barrier()
 
@@ -203,8 +230,11 @@ def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> in
         if step % args.log_every == 0 or step == args.steps:
             scale = engine._get_optimizer_loss_scale() if engine.fp16_enabled() else 1.0
             logger.log_train(step, engine.global_samples, loss.item(), engine.get_lr()[0], float(scale or 1.0))
-        if args.eval_every and step % args.eval_every == 0:
-            logger.log_eval(step, engine.global_samples, evaluate())
+        if args.eval_every and val_streams and step % args.eval_every == 0:
+            by_source = evaluate()
+            total = sum(val_streams[n][0] for n in by_source)
+            mean = sum(val_streams[n][0] * v for n, v in by_source.items()) / total
+            logger.log_eval(step, engine.global_samples, mean, by_source if len(by_source) > 1 else None)
             logger.start(step)
         if step % args.save_every == 0 or step == args.steps:
             save()
@@ -216,13 +246,13 @@ def train(args, cfg: ModelConfig, ds: dict, batch, text_paths: list[Path]) -> in
         print(f"trained to step {engine.global_steps} in {time.perf_counter() - t_start:.1f}s; "
               f"checkpoints in {ckpt_dir}", flush=True)
         if args.sample_tokens > 0:
-            print_sample(ckpt_dir, cfg, corpus, args)
+            print_sample(ckpt_dir, cfg, sources[0], args)
     logger.close()
     dist.barrier()
     return 0
 
 
-def print_sample(ckpt_dir: Path, cfg: ModelConfig, corpus, args) -> None:
+def print_sample(ckpt_dir: Path, cfg: ModelConfig, source, args) -> None:
     """Rebuilds the plain model from the checkpoint just written and samples from it."""
     import torch
 
@@ -237,11 +267,13 @@ def print_sample(ckpt_dir: Path, cfg: ModelConfig, corpus, args) -> None:
     device = torch.device(get_accelerator().current_device_name())
     tag = (ckpt_dir / "latest").read_text().strip()
     model = load_plain_model(ckpt_dir / tag, cfg).to(device)
-    tok = corpus.load_tokenizer()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(source.tokenizer_path))
     prompt = torch.tensor(tok.encode(args.sample_prompt).ids, dtype=torch.long, device=device)
     torch.manual_seed(args.seed)
     new = AutoregressiveWrapper(model, max_seq_len=cfg.max_seq_len).generate(
-        prompt, args.sample_tokens, top_k=40, eos_token=corpus.eot_id)
+        prompt, args.sample_tokens, top_k=40, eos_token=source.meta["eot_id"])
     print(f"sample: {args.sample_prompt}{tok.decode(new.cpu().tolist())}", flush=True)
 
 

@@ -1,145 +1,15 @@
-"""Unit tests of lamda_pipe.data: tokenizer, corpus preparation and its cache, micro-batches."""
+"""Unit tests of lamda_pipe.data, the training side: --data specs, mixtures, deterministic
+micro-batches, data-parallel shares, exact resume, and the checks on prepared dirs."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from lamda_pipe import data
-from lamda_pipe.data import (EOT, MicroBatchStream, bundled_corpus, prepare_corpus, read_documents,
-                             resolve_text_paths, train_tokenizer)
-
-UNICODE_TEXT = "naïve café — 東京 🙂 Ünïcödé"
-
-DOCS_A = [
-    "In the beginning was the word, and the word was short.",
-    "Naïve café owners in 東京 serve coffee 🙂 all day.",
-    "A third document\nspanning two lines.",
-    "Four: numbers 1 2 3 and punctuation !?;",
-    "Five — with an em dash.",
-]
-DOCS_B = [
-    "Six is in the second file.",
-    "Seven, Ünïcödé and more text here.",
-    "Eight is short.",
-    "Nine has tabs\tand  double  spaces.",
-    "Ten ends the corpus.",
-]
-
-
-def write_corpus(tmp_path, docs_a=DOCS_A, docs_b=DOCS_B):
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    # documents separated by blank lines; extra blank lines and edge whitespace are not documents
-    (src / "a.txt").write_text("\n\n".join(docs_a) + "\n\n\n", encoding="utf-8")
-    (src / "b.txt").write_text("\n" + "\n\n".join(docs_b) + "\n", encoding="utf-8")
-    return [src / "a.txt", src / "b.txt"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------
-
-def test_tokenizer_round_trip_non_ascii():
-    tok = train_tokenizer(DOCS_A + DOCS_B, vocab_size=300)
-    assert tok.get_vocab_size() <= 300
-    for text in (UNICODE_TEXT, " leading space", "unseen: ∑ ж ✓ \u00a0 tabs\t", DOCS_B[3]):
-        ids = tok.encode(text).ids
-        assert tok.decode(ids) == text
-    assert tok.token_to_id(EOT) is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare_corpus
-# ---------------------------------------------------------------------------------------------
-
-def _split(ids: np.ndarray, eot: int) -> list[list[int]]:
-    """Token ids -> documents, each ending at (and without) its end-of-text."""
-    ids = ids.tolist()
-    assert ids and ids[-1] == eot
-    docs, cur = [], []
-    for t in ids:
-        if t == eot:
-            docs.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    return docs
-
-
-def test_prepare_corpus_splits_and_packs_documents(tmp_path):
-    paths = write_corpus(tmp_path)
-    docs = DOCS_A + DOCS_B  # document order: files in the given order, then within each file
-    assert read_documents(paths) == docs
-    pc = prepare_corpus(paths, tmp_path / "out", vocab_size=300, val_every=3)
-    tok = pc.load_tokenizer()
-    assert pc.eot_id == tok.token_to_id(EOT)
-    assert pc.vocab_size == tok.get_vocab_size()
-    # every 3rd document (the 3rd, 6th, 9th) is held out for validation
-    want_val = [docs[2], docs[5], docs[8]]
-    want_train = [d for i, d in enumerate(docs) if i not in (2, 5, 8)]
-    for split, want in ((pc.train, want_train), (pc.val, want_val)):
-        got = _split(np.asarray(split), pc.eot_id)
-        assert [tok.decode(ids) for ids in got] == want  # the original text, document by document
-        assert got == [tok.encode(d).ids for d in want]  # and the direct tokenization
-    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["splits"]["train"] == {"tokens": len(pc.train), "documents": 7}
-    assert meta["splits"]["val"] == {"tokens": len(pc.val), "documents": 3}
-
-
-def test_prepare_corpus_reuses_cache_and_redoes_on_change(tmp_path, monkeypatch):
-    paths = write_corpus(tmp_path)
-    out = tmp_path / "out"
-    first = prepare_corpus(paths, out, vocab_size=300, val_every=3)
-    files = ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
-    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
-    train, val = np.array(first.train), np.array(first.val)
-
-    def no_training(*a, **k):
-        raise AssertionError("train_tokenizer called although the cache is valid")
-
-    monkeypatch.setattr(data, "train_tokenizer", no_training)
-    again = prepare_corpus(paths, out, vocab_size=300, val_every=3)
-    assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
-    assert {f: (out / f).stat().st_mtime_ns for f in files} == stamps
-    monkeypatch.undo()
-
-    calls = []
-
-    def counting(docs, vocab_size):
-        calls.append(vocab_size)
-        return train_tokenizer(docs, vocab_size)
-
-    monkeypatch.setattr(data, "train_tokenizer", counting)
-    prepare_corpus(paths, out, vocab_size=320, val_every=3)  # another vocabulary size
-    assert calls == [320]
-    assert json.loads((out / "meta.json").read_text())["requested_vocab_size"] == 320
-    prepare_corpus(paths, out, vocab_size=320, val_every=4)  # another split
-    assert calls == [320, 320]
-    write_corpus(tmp_path, docs_b=DOCS_B[:-1] + ["Ten was edited."])  # another text
-    prepare_corpus(paths, out, vocab_size=320, val_every=4)
-    assert calls == [320, 320, 320]
-
-
-def test_prepare_corpus_refuses_a_single_document(tmp_path):
-    f = tmp_path / "one.txt"
-    f.write_text("only one document\n")
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        prepare_corpus([f], tmp_path / "out", vocab_size=300)
-
-
-def test_prepare_corpus_with_fewer_documents_than_val_every(tmp_path):
-    """A corpus shorter than val_every (default 20) still gets a validation split: its last
-    document. (It used to write an empty val.bin that could not be memory-mapped.)"""
-    paths = write_corpus(tmp_path)  # 10 documents < val_every = 20
-    pc = prepare_corpus(paths, tmp_path / "out", vocab_size=300)
-    assert len(pc.train) > 0 and len(pc.val) > 0
-    tok = pc.load_tokenizer()
-    last_doc = read_documents(paths)[-1]
-    assert tok.decode(list(pc.val[:-1])) == last_doc and pc.val[-1] == pc.eot_id
-    with pytest.raises(ValueError, match="val_every must be >= 2"):
-        prepare_corpus(paths, tmp_path / "out2", vocab_size=300, val_every=1)
+from lamda_pipe.data import (MIX_BLOCK, DataSpecError, MicroBatchStream, Mixture, bundled_corpus,
+                             open_sources, parse_data_spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,25 +83,156 @@ def test_too_little_data():
 
 
 # ---------------------------------------------------------------------------------------------
-# resolve_text_paths
+# --data specs and mixtures
 # ---------------------------------------------------------------------------------------------
 
-def test_resolve_text_paths_default_is_bundled_corpus():
-    paths = resolve_text_paths(None)
-    assert paths == bundled_corpus()
-    assert len(paths) == 6 and all(p.suffix == ".txt" and p.is_file() for p in paths)
-    size = sum(p.stat().st_size for p in paths)
-    assert 100_000 < size < 1_000_000, size
-    assert len(read_documents(paths)) > 100
+def test_parse_data_spec_forms():
+    assert parse_data_spec("data/pile") == [(__import__("pathlib").Path("data/pile"), 1.0)]
+    spec = parse_data_spec("a:0.5, b:0.25,c:0.25")
+    assert [(str(p), w) for p, w in spec] == [("a", 0.5), ("b", 0.25), ("c", 0.25)]
+    spec = parse_data_spec("a:3,b:1")  # normalised
+    assert [w for _, w in spec] == [0.75, 0.25]
 
 
-def test_resolve_text_paths_errors_and_forms(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no .txt files"):
-        resolve_text_paths(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        resolve_text_paths(str(tmp_path / "missing"))
-    (tmp_path / "b.txt").write_text("x")
-    (tmp_path / "a.txt").write_text("y")
-    (tmp_path / "c.md").write_text("z")
-    assert resolve_text_paths(str(tmp_path)) == [tmp_path / "a.txt", tmp_path / "b.txt"]
-    assert resolve_text_paths(str(tmp_path / "c.md")) == [tmp_path / "c.md"]
+@pytest.mark.parametrize("bad", ["", "a:x,b:1", "a:-1,b:1", "a:0,b:1", "a,b", "a:nan,b:1", "a:1,a:2"])
+def test_parse_data_spec_refuses_what_does_not_parse(bad):
+    with pytest.raises(DataSpecError, match="--data"):
+        parse_data_spec(bad)
+
+
+def test_mixture_realises_lamda_weights_exactly_per_block():
+    weights = [0.5, 0.125, 0.125, 0.125, 0.0625, 0.0625]  # LaMDA's pre-training mix
+    mix = Mixture(weights, seed=3)
+    blocks = 5
+    counts = Counter(mix.locate(s)[0] for s in range(blocks * MIX_BLOCK))
+    assert [counts[i] / (blocks * MIX_BLOCK) for i in range(6)] == weights
+
+
+def test_mixture_proportions_within_one_slot_per_block_and_no_sample_skipped():
+    weights = [1 / 3, 0.5, 1 / 6]
+    mix = Mixture(weights, seed=0)
+    n = 7 * MIX_BLOCK + 100  # ends mid-block
+    seen = {i: [] for i in range(3)}
+    for s in range(n):
+        i, k = mix.locate(s)
+        seen[i].append(k)
+    for i, w in enumerate(weights):
+        assert abs(len(seen[i]) - w * n) <= 1 + 100 * w + 8  # 1/block rounding x 7 blocks + partial block
+        # each source is read in order, k = 0, 1, 2, ...: nothing skipped, nothing repeated
+        assert sorted(seen[i]) == list(range(len(seen[i])))
+    # order within a block differs between blocks and between seeds
+    first = [mix.locate(s)[0] for s in range(64)]
+    assert first != [mix.locate(MIX_BLOCK + s)[0] for s in range(64)]
+    assert first != [Mixture(weights, seed=1).locate(s)[0] for s in range(64)]
+
+
+def test_mixture_refuses_a_weight_too_small_for_a_block():
+    with pytest.raises(DataSpecError, match="below 1/"):
+        Mixture([0.9999, 0.0001], seed=0)
+
+
+def test_stream_over_a_mixture_follows_the_weights_and_stays_disjoint_across_ranks():
+    a = np.arange(0, 8001)  # source 0: token values < 10000, 1000 samples (one epoch covers a block)
+    b = np.arange(10000, 14001)  # source 1: 500 samples
+    weights = [0.75, 0.25]
+    ranks = [MicroBatchStream([a, b], 8, 4, dp_rank=r, dp_size=2, seed=1, weights=weights) for r in range(2)]
+    per_rank = MIX_BLOCK // (4 * 2)  # micro-batches per rank in one mixture block
+    starts = {r: [int(v) for m in range(per_rank) for v in ranks[r].micro_batch(m)[0][:, 0]] for r in range(2)}
+    assert not set(starts[0]) & set(starts[1])
+    both = starts[0] + starts[1]
+    share_b = sum(v >= 10000 for v in both) / len(both)
+    assert share_b == 0.25  # one whole block: the quota is exact
+
+
+def test_resume_with_slot_offset_continues_exactly_whatever_the_split():
+    """Run A: 1 data-parallel rank, micro-batch 4, 2 micro-batches per step, 3 steps.
+    Run B resumes after those 3 steps with 2 ranks x micro-batch 2 x 2 micro-batches (same
+    global batch of 8). Together they see exactly the samples of one uninterrupted run, step
+    by step, with nothing repeated or skipped."""
+    a, b = np.arange(0, 3001), np.arange(10000, 13001)
+    kw = dict(seed=4, weights=[0.5, 0.5])
+    gbs, steps_a, steps_b = 8, 3, 4
+
+    def step_samples(streams, step, gas, offset):
+        out = []
+        for s in streams:
+            for m in range(step * gas, (step + 1) * gas):
+                out += [int(v) for v in s.micro_batch(m, slot_offset=offset)[0][:, 0]]
+        return sorted(out)
+
+    whole = [MicroBatchStream([a, b], 8, 4, **kw)]
+    uninterrupted = [step_samples(whole, t, 2, 0) for t in range(steps_a + steps_b)]
+    run_a = [step_samples(whole, t, 2, 0) for t in range(steps_a)]
+    resumed = [MicroBatchStream([a, b], 8, 2, dp_rank=r, dp_size=2, **kw) for r in range(2)]
+    run_b = [step_samples(resumed, t - steps_a, 2, steps_a * gbs) for t in range(steps_a, steps_a + steps_b)]
+    assert run_a + run_b == uninterrupted
+    flat = [v for step in uninterrupted for v in step]
+    assert len(flat) == len(set(flat))  # no sample twice within these 7 steps
+
+
+# ---------------------------------------------------------------------------------------------
+# open_sources: the checks ds_train.py runs on --data before starting any process
+# ---------------------------------------------------------------------------------------------
+
+DOCS = [f"Document number {i} talks about {'apples' if i % 2 else 'rivers'} and {i * 7} stones." for i in range(60)]
+
+
+def prepared(tmp_path, name, vocab=300, docs=DOCS, tokenizer=None):
+    from lamda_pipe.prepare import prepare_data
+    from lamda_pipe.tokenizer import train_tokenizer
+
+    if tokenizer is None:
+        tokenizer = tmp_path / f"tok{vocab}.json"
+        if not tokenizer.exists():
+            train_tokenizer(docs, vocab).save(str(tokenizer))
+    out = tmp_path / name
+    prepare_data(docs, tokenizer, out, val_fraction=0.1, workers=1, progress=False)
+    return out
+
+
+def test_open_sources_reads_a_mixture(tmp_path):
+    a, b = prepared(tmp_path, "a"), prepared(tmp_path, "b")
+    sources = open_sources(f"{a}:3,{b}:1", model_vocab=512, seq_len=16)
+    assert [s.directory for s in sources] == [a, b] and [s.weight for s in sources] == [0.75, 0.25]
+    meta = json.loads((a / "meta.json").read_text())
+    train = sources[0].tokens("train")
+    assert len(train) == meta["splits"]["train"]["tokens"] and train.dtype == np.uint16
+    assert sources[0].tokenizer_path.is_file()
+
+
+def test_open_sources_refusals(tmp_path):
+    a = prepared(tmp_path, "a")
+    other_tok = prepared(tmp_path, "other", vocab=280)  # another tokenizer
+    with pytest.raises(DataSpecError, match="different tokenizers"):
+        open_sources(f"{a}:0.5,{other_tok}:0.5", model_vocab=512, seq_len=16)
+    vocab = json.loads((a / "meta.json").read_text())["vocab_size"]
+    with pytest.raises(DataSpecError, match=f"pass --vocab-size {vocab}"):
+        open_sources(str(a), model_vocab=vocab - 1, seq_len=16)
+    open_sources(str(a), model_vocab=vocab, seq_len=16)  # equal is fine, and so is a larger model vocab
+    train_tokens = json.loads((a / "meta.json").read_text())["splits"]["train"]["tokens"]
+    with pytest.raises(DataSpecError, match="--seq-len"):
+        open_sources(str(a), model_vocab=512, seq_len=train_tokens)
+    with pytest.raises(ValueError, match="no such data dir"):
+        open_sources(str(tmp_path / "missing"), model_vocab=512, seq_len=16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no meta.json"):
+        open_sources(str(tmp_path / "empty"), model_vocab=512, seq_len=16)
+    with pytest.raises(DataSpecError, match="weight"):
+        open_sources(f"{a}:half", model_vocab=512, seq_len=16)
+
+
+def test_bundled_corpus_goes_through_the_prepare_path(tmp_path):
+    from lamda_pipe.data import prepare_bundled
+    from lamda_pipe.prepare import read_meta
+    from lamda_pipe.text_sources import iter_documents
+
+    out = prepare_bundled(tmp_path / "data", 512)
+    meta = read_meta(out)
+    docs = list(iter_documents(inputs=[str(p) for p in bundled_corpus()]))
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(docs) > 100
+    assert meta["vocab_size"] == 512
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    assert prepare_bundled(tmp_path / "data", 512) == out  # cached
+    assert (out / "train.bin").stat().st_mtime_ns == mtime
+    prepare_bundled(tmp_path / "data", 600)  # another vocabulary: rebuilt
+    assert read_meta(out)["vocab_size"] == 600

@@ -74,13 +74,58 @@ def test_launcher_run_writes_metrics_tensorboard_and_checkpoints(trained):
     assert "sample: " in proc.stdout
 
 
-def test_load_continues_the_step_count(trained, tmp_path):
+@pytest.fixture(scope="module")
+def resumed(trained):
     run_dir, _ = trained
-    proc = launch(run_dir, "--steps", "8", "--load", str(run_dir / "checkpoints"))
-    assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+    return launch(run_dir, "--steps", "8", "--load", str(run_dir / "checkpoints"))
+
+
+def test_load_continues_the_step_count(trained, resumed):
+    run_dir, _ = trained
+    assert "resumed from" in resumed.stdout and "at step 6, 96 samples consumed" in resumed.stdout
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # appended, continuing from 6
+    ckpt = run_dir / "checkpoints" / "global_step8"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step8"
+    info = json.loads((ckpt / "lamda_run.json").read_text())
+    assert info["samples_consumed"] == 8 * 16 and info["pipe_stages"] == 2  # 16 = 4 x 4 micro-batches x 1
+    assert (ckpt / "tokenizer.json").read_bytes() == (run_dir / "data" / "tokenizer.json").read_bytes()
+
+
+def test_resume_is_exact(trained, resumed, tmp_path):
+    """6 steps, stop, resume to 8 == 8 steps in one go: same data position, model, optimizer
+    and schedule, so the losses after the resume are bit-identical (fp32, 1 thread per rank)."""
+    run_dir, _ = trained
+    launch(tmp_path, "--steps", "8", "--save-every", "8", "--sample-tokens", "0")
+    continuous = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
+    stitched = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    assert stitched == continuous
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).with_name(name))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_mixture_of_prepared_dirs_trains(tmp_path):
+    """Tokenizer and data prepared with the console scripts, then a weighted mixture."""
+    corpus = ROOT / "lamda_pipe" / "corpus"
+    tok = tmp_path / "tok.json"
+    assert run_tool("lamda-train-tokenizer", "--input", *map(str, corpus.glob("*.txt")), "--vocab-size", "1024",
+                    "--out", str(tok), "--no-progress").returncode == 0
+    for name, books in (("law", ["genesis.txt", "esther.txt"]), ("wisdom", ["job.txt", "proverbs.txt"])):
+        proc = run_tool("lamda-prepare-data", "--input", *[str(corpus / b) for b in books], "--tokenizer", str(tok),
+                        "--out", str(tmp_path / name), "--val-fraction", "0.1", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "run"
+    data = f"{tmp_path / 'law'}:0.75,{tmp_path / 'wisdom'}:0.25"
+    proc = launch(run_dir, "--steps", "3", "--data", data, "--vocab-size", "1024", "--save-every", "3")
+    assert "law (0.75" in proc.stdout and "wisdom (0.25" in proc.stdout
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert evals and set(evals[-1]["val_loss_by_source"]) == {"law", "wisdom"}
+    by = evals[-1]["val_loss_by_source"]
+    assert evals[-1]["val_loss"] == pytest.approx(0.75 * by["law"] + 0.25 * by["wisdom"])
+    assert "val_loss/law" in " ".join(tensorboard_tags(run_dir))
 
 
 def run_preflight(tmp_path: Path, *flags: str, world_size: int = 2) -> subprocess.CompletedProcess:
@@ -127,5 +172,5 @@ def test_load_with_another_model_or_stage_count_refused(trained, tmp_path):
 
 def test_missing_data_refused_before_any_work(tmp_path):
     proc = run_preflight(tmp_path, "--data", str(tmp_path / "no-such-corpus"))
-    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    assert proc.returncode == 2 and "no such data dir" in proc.stderr and "lamda-prepare-data" in proc.stderr
     assert not (tmp_path / "run").exists()
