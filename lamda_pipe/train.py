@@ -199,6 +199,9 @@ def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
         print(f"model {args.model}: {param_count(cfg) / 1e6:.2f}M parameters | {args.pipe_stages} stages x "
               f"{dp_size} data parallel | micro batch {batch.micro_batch_size} x {batch.grad_accum_steps} "
               f"micro-batches x seq {args.seq_len} = {tokens_per_step} tokens/step\ndata: {mix}", flush=True)
+        if sources[0].vocab_size < cfg.vocab_size:
+            print(f"note: the data's tokenizer has {sources[0].vocab_size} tokens, the model {cfg.vocab_size}: "
+                  f"the extra embedding rows are never used", flush=True)
         if not val_streams:
             print("no validation: no data dir has a val split longer than --seq-len", flush=True)
 
