@@ -132,3 +132,27 @@ def load_plain_model(checkpoint_tag_dir, cfg: ModelConfig) -> LaMDA:
     model = LaMDA(config=cfg)
     model.load_state_dict(state)
     return model
+
+
+def plain_name(pipeline_param: str, depth: int) -> str:
+    """'tied_modules.embed.weight' -> 'embed.weight'; '3.attn.qkv.weight' -> 'blocks.2.attn.qkv.weight'."""
+    if pipeline_param.startswith("tied_modules."):
+        return "embed." + pipeline_param.split(".", 2)[2]
+    idx, rest = pipeline_param.split(".", 1)
+    return layer_file_to_model_prefix(int(idx), depth) + rest
+
+
+def load_plain_state(net: PipelineModule, state: dict, depth: int) -> None:
+    """Copies a plain LaMDA state dict into this stage's part of the pipeline (before the engine
+    is built, so the optimizer starts from these weights)."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(state[plain_name(name, depth)])
+
+
+def read_plain_state(path: Path, cfg: ModelConfig) -> dict:
+    """Weights of an export dir (model.safetensors) or of a checkpoint folder (layer files)."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        return load_file(str(path / "model.safetensors"))
+    return load_plain_model(path, cfg).state_dict()

@@ -9,19 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
 from .data import DataSpecError, open_sources
-from .ds_config import ConfigError, check_run, default_config_path, fill_run_values, load_config
+from .checkpoint import CheckpointError, latest_tag_dir, validate
+from .ds_config import BatchShape, ConfigError, check_run, default_config_path, fill_run_values, load_config
 from .distributed import launch_env, set_cpu_threads
 
 CHECKPOINT_SUBDIR = "checkpoints"
-RUN_INFO = "lamda_run.json"  # model config and layout, beside DeepSpeed's files in each checkpoint
 SAMPLE_MAX_PARAMS = 2_000_000_000  # above this, gathering the model on rank 0 for a sample is skipped
 
 
@@ -43,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the preset's vocabulary size (e.g. to fit an existing tokenizer)")
     p.add_argument("--load", type=Path, default=None,
                    help="resume from the latest checkpoint in this directory (e.g. RUN_DIR/checkpoints)")
+    p.add_argument("--resume", choices=["auto"], default=None,
+                   help="auto: resume from RUN_DIR/checkpoints if it holds a checkpoint, else start; "
+                        "a requeued job just reruns the same command")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start a new run from the weights of a checkpoint (dir) or an export, with a fresh "
+                        "optimizer and step count: the basis of fine-tuning")
     p.add_argument("--save-every", type=int, default=100, help="save a checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps (0: never)")
     p.add_argument("--eval-iters", type=int, default=2, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
@@ -55,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return deepspeed.add_config_arguments(p)
 
 
-def preflight(args) -> tuple[ModelConfig, dict, object, list | None]:
+@dataclass
+class Plan:
+    """Everything decided before any process group starts."""
+
+    cfg: ModelConfig
+    ds: dict
+    batch: BatchShape
+    sources: list | None  # None: the bundled demo corpus, prepared after start-up
+    resume_dir: Path | None = None  # checkpoint folder to resume from
+    resume_info: dict | None = None
+
+
+def preflight(args) -> Plan:
     """Every check that needs no process group: bad input fails here, before any work."""
     import torch
 
@@ -67,54 +86,54 @@ def preflight(args) -> tuple[ModelConfig, dict, object, list | None]:
     for flag in ("steps", "save_every", "log_every", "eval_iters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
     cuda = torch.cuda.is_available()
     path = args.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported())
     ds = load_config(path)
     world = launch_env(args.local_rank).world_size
     batch = check_run(ds, cfg, pipe_stages=args.pipe_stages, world_size=world, seq_len=args.seq_len,
                       cuda_available=cuda)
-    ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
     sources = None
     if args.data is not None:
         sources = open_sources(args.data, model_vocab=cfg.vocab_size, seq_len=args.seq_len)
+    plan = Plan(cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, sources)
+
+    ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
+    if args.load is not None and args.resume:
+        raise ConfigError("give either --load DIR or --resume auto, not both")
+    if args.init_from is not None and (args.load is not None or args.resume):
+        raise ConfigError("--init-from starts a new run; it cannot be combined with --load or --resume")
+    if args.resume == "auto" and (ckpt_dir / "latest").is_file():
+        args.load = ckpt_dir
     if args.load is not None:
-        check_resume(args.load, args.model, cfg, args.pipe_stages, sources)
+        plan.resume_dir = latest_tag_dir(args.load)
+        if plan.resume_dir is None:
+            raise ConfigError(f"--load {args.load}: no 'latest' file there, so no checkpoint to resume; "
+                              f"point --load at a directory written by a run (RUN_DIR/{CHECKPOINT_SUBDIR})")
+        plan.resume_info = validate(plan.resume_dir)
+        if plan.resume_info is not None:
+            check_compatible(plan.resume_info, plan.resume_dir, cfg, args.model, sources)
+            if (plan.resume_info["pipe_stages"], plan.resume_info["data_parallel"]) != (
+                    args.pipe_stages, batch.data_parallel):
+                raise ConfigError(
+                    f"--load {plan.resume_dir} was saved with {plan.resume_info['pipe_stages']} stages x "
+                    f"{plan.resume_info['data_parallel']} data parallel; resume with that layout (changing it "
+                    f"on resume is not supported yet)")
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
-                          f"--load {ckpt_dir}, or choose a new --run-dir (nothing was changed)")
+                          f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
+    if args.init_from is not None:
+        check_init_source(args.init_from, cfg)
     args.deepspeed_config = None  # the loaded dict is passed to deepspeed.initialize instead
-    return cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, sources
+    return plan
 
 
-def write_run_info(tag_dir: Path, info: dict, tokenizer: Path) -> None:
-    """lamda_run.json and a copy of the tokenizer beside DeepSpeed's files: a self-describing checkpoint."""
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer, tag_dir / "tokenizer.json")
-    tmp = tag_dir / (RUN_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, tag_dir / RUN_INFO)
-
-
-def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int, sources) -> None:
-    """The checkpoint must exist and match the model and stage layout of this run."""
-    latest = load_dir / "latest"
-    if not latest.is_file():
-        raise ConfigError(f"--load {load_dir}: no 'latest' file there, so no checkpoint to resume; "
-                          f"point --load at a directory written by a run (RUN_DIR/{CHECKPOINT_SUBDIR})")
-    tag_dir = load_dir / latest.read_text().strip()
-    if not tag_dir.is_dir():
-        raise ConfigError(f"--load {load_dir}: 'latest' names {tag_dir.name}, which does not exist")
-    info_path = tag_dir / RUN_INFO
-    if not info_path.is_file():
-        return  # written by another tool: DeepSpeed's own checks apply
-    info = json.loads(info_path.read_text())
+def check_compatible(info: dict, tag_dir: Path, cfg: ModelConfig, preset: str, sources) -> None:
+    """The checkpoint must hold this model and have been trained on this tokenizer."""
     if ModelConfig.from_dict(info["model_config"]) != cfg:
         raise ConfigError(f"--load {tag_dir} holds a different model (preset {info['model_preset']!r}) than "
                           f"--model {preset}; resume with --model {info['model_preset']}")
-    if info["pipe_stages"] != pipe_stages:
-        raise ConfigError(f"--load {tag_dir} was saved with {info['pipe_stages']} pipeline stages; resume with "
-                          f"--pipe-stages {info['pipe_stages']} (changing the stage count on resume is not "
-                          f"supported yet)")
     tok_hash = info.get("tokenizer_sha256")
     if sources and tok_hash and sources[0].meta["tokenizer_sha256"] != tok_hash:
         raise ConfigError(f"--load {tag_dir} was trained on data tokenized with another tokenizer "
@@ -122,26 +141,46 @@ def check_resume(load_dir: Path, preset: str, cfg: ModelConfig, pipe_stages: int
                           f"prepare the data with the run's tokenizer ({tag_dir / 'tokenizer.json'})")
 
 
+def check_init_source(path: Path, cfg: ModelConfig) -> None:
+    """--init-from: an export (config.json + model.safetensors) or a checkpoint of the same model."""
+    if (path / "config.json").is_file():
+        saved = ModelConfig.from_dict({k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                                       if k in ModelConfig.__dataclass_fields__})
+    else:
+        tag_dir = latest_tag_dir(path / CHECKPOINT_SUBDIR) or latest_tag_dir(path) or path
+        info = validate(tag_dir, deep=False)
+        if info is None:
+            raise ConfigError(f"--init-from {path}: neither an export (config.json) nor a lamda-pipe checkpoint "
+                              f"(lamda_run.json); give a run dir, a checkpoint folder or an export dir")
+        saved = ModelConfig.from_dict(info["model_config"])
+    if saved != cfg:
+        raise ConfigError(f"--init-from {path} holds a different model ({saved}) than this run's ({cfg}); "
+                          f"pick the matching --model")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg, ds, batch, sources = preflight(args)
-    except (ConfigError, DataSpecError, FileNotFoundError, ValueError) as e:
+        plan = preflight(args)
+    except (ConfigError, DataSpecError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return 2
     env = launch_env(args.local_rank)
     set_cpu_threads(env.local_world_size)
-    return train(args, cfg, ds, batch, sources)
+    return train(args, plan)
 
 
-def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
+def train(args, plan: Plan) -> int:
     import deepspeed
     import torch.distributed as dist
 
     from .data import MicroBatchStream, prepare_bundled
     from .distributed import init_distributed
     from .metrics import MetricsLogger
-    from .pipeline import build_pipeline
+    from .checkpoint import begin_save, commit_save, tag_for
+    from .pipeline import build_pipeline, load_plain_state, read_plain_state
+
+    cfg, ds, batch, sources = plan.cfg, plan.ds, plan.batch, plan.sources
 
     # DeepSpeed's tied-weight broadcast triggers this on the first backward; it is harmless.
     warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
@@ -158,6 +197,13 @@ def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
 
     net = build_pipeline(cfg, args.pipe_stages, args.seed,
                          activation_checkpoint_interval=ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    if args.init_from is not None:  # new run from trained weights: fresh optimizer, step 0
+        init_dir = args.init_from
+        if not (init_dir / "model.safetensors").is_file():
+            init_dir = latest_tag_dir(init_dir / CHECKPOINT_SUBDIR) or latest_tag_dir(init_dir) or init_dir
+        load_plain_state(net, read_plain_state(init_dir, cfg), cfg.depth)
+        if rank == 0:
+            print(f"initialised from {init_dir}", flush=True)
     engine, _, _, _ = deepspeed.initialize(
         args=args, model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds)
 
@@ -165,12 +211,15 @@ def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
     tokens_per_step = batch.global_batch_size * args.seq_len
     # Samples consumed before this run's first step: the data position, saved in every checkpoint.
     samples_at_start = 0
-    if args.load is not None:
-        path, client_state = engine.load_checkpoint(str(args.load))
+    if plan.resume_dir is not None:
+        path, client_state = engine.load_checkpoint(str(plan.resume_dir.parent), tag=plan.resume_dir.name)
         if path is None:
-            raise SystemExit(f"ds_train.py: error: could not load a checkpoint from {args.load}")
-        samples_at_start = (client_state or {}).get("samples_consumed",
-                                                   engine.global_steps * batch.global_batch_size)
+            raise SystemExit(f"ds_train.py: error: could not load a checkpoint from {plan.resume_dir}")
+        client_state = client_state or {}
+        samples_at_start = client_state.get("samples_consumed", engine.global_steps * batch.global_batch_size)
+        # Dropout seeds derive from the count of forward passes (DeepSpeed's per-layer seeding):
+        # restoring it makes a resumed run draw the masks the uninterrupted run would have.
+        engine.module.micro_offset = client_state.get("micro_offset", 0)
         if rank == 0:
             print(f"resumed from {path} at step {engine.global_steps}, {samples_at_start} samples consumed",
                   flush=True)
@@ -214,18 +263,24 @@ def train(args, cfg: ModelConfig, ds: dict, batch, sources) -> int:
         return out
 
     def save() -> None:
-        tag = f"global_step{engine.global_steps}"
+        tag = tag_for(engine.global_steps)
         info = {"model_preset": args.model, "model_config": cfg.to_dict(), "pipe_stages": args.pipe_stages,
-                "data_parallel": dp_size, "seq_len": args.seq_len, "global_steps": engine.global_steps,
-                "samples_consumed": samples_consumed(), "data": args.data or str(args.run_dir / "data"),
-                "tokenizer_sha256": sources[0].meta["tokenizer_sha256"]}
-        if rank == 0:  # written before DeepSpeed's files, so `latest` never points at a tag without them
-            write_run_info(ckpt_dir / tag, info, sources[0].tokenizer_path)
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=info)
+                "data_parallel": dp_size, "bf16": engine.bfloat16_enabled(), "seq_len": args.seq_len,
+                "global_steps": engine.global_steps, "samples_consumed": samples_consumed(),
+                "micro_offset": engine.module.micro_offset, "data": args.data or str(args.run_dir / "data"),
+                "tokenizer_sha256": sources[0].meta["tokenizer_sha256"], "ds_config": ds}
+        if rank == 0:
+            begin_save(ckpt_dir / tag, info, sources[0].tokenizer_path)
+        dist.barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=info, save_latest=False)
+        dist.barrier()  # every rank has written its files: only now is the checkpoint complete
+        if rank == 0:
+            for old in commit_save(ckpt_dir, tag, args.keep_last):
+                print(f"deleted old checkpoint {old}", flush=True)
         dist.barrier()
 
     logger.start(engine.global_steps)
-    saved_at = engine.global_steps if args.load is not None else None
+    saved_at = engine.global_steps if plan.resume_dir is not None else None
     t_start = time.perf_counter()
     while engine.global_steps < args.steps:
         loss = engine.train_batch(train_iter)

@@ -165,7 +165,7 @@ def test_load_with_another_model_or_stage_count_refused(trained, tmp_path):
     proc = run_preflight(tmp_path, "--load", ckpt, "--model", "readme")
     assert proc.returncode == 2 and "resume with --model debug" in proc.stderr
     proc = run_preflight(tmp_path, "--load", ckpt, "--pipe-stages", "1")
-    assert proc.returncode == 2 and "resume with --pipe-stages 2" in proc.stderr
+    assert proc.returncode == 2 and "saved with 2 stages x 1 data parallel" in proc.stderr
     proc = run_preflight(tmp_path, "--load", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "no 'latest' file" in proc.stderr
 
