@@ -60,6 +60,7 @@ def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
                       for step in [int(m.group(1))])
     doomed = [d for _, d in complete[:-keep_last] if d.name != tag]
     for d in doomed:
+        (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(d)
     return doomed
 

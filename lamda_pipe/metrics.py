@@ -8,6 +8,16 @@ import time
 from pathlib import Path
 
 
+def drop_partial_last_line(path: Path) -> None:
+    """A run killed mid-write can leave half a JSON line; cut it so the file stays line-valid."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step or evaluation. Only the rank given
     `enabled=True` writes; the others call the same methods and do nothing.
@@ -26,7 +36,11 @@ class MetricsLogger:
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.monitor = monitor
-        self._file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self._file = None
+        if enabled:
+            path = Path(run_dir) / "metrics.jsonl"
+            drop_partial_last_line(path)
+            self._file = open(path, "a")
         self._mark: tuple[float, int] | None = None
 
     def start(self, step: int) -> None:

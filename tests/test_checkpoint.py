@@ -1,0 +1,95 @@
+"""lamda_pipe.checkpoint: commit order, keep-last, and validation of damaged checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from lamda_pipe.checkpoint import (COMPLETE, RUN_INFO, CheckpointError, begin_save, commit_save,
+                                   expected_files, latest_tag_dir, validate)
+from lamda_pipe.metrics import drop_partial_last_line
+
+INFO = {"model_preset": "debug", "model_config": {"depth": 2}, "pipe_stages": 2, "data_parallel": 1,
+        "bf16": False}
+
+
+def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None):
+    """A checkpoint folder with every file DeepSpeed would write (small real torch archives)."""
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    tag = f"global_step{step}"
+    begin_save(ckpt_dir / tag, {**INFO, "global_steps": step}, tok)
+    for name in expected_files(INFO):
+        torch.save({"x": torch.arange(100) + step}, ckpt_dir / tag / name)
+    return commit_save(ckpt_dir, tag, keep_last) if commit else []
+
+
+def test_expected_files_of_a_two_stage_checkpoint():
+    assert expected_files(INFO) == [
+        "layer_00-model_states.pt", "layer_01-model_states.pt", "layer_02-model_states.pt",
+        "layer_03-model_states.pt", "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+    assert expected_files({**INFO, "bf16": True})[-1] == "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"
+
+
+def test_latest_moves_only_on_commit(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    fake_save(ckpt, 2, tmp_path)
+    fake_save(ckpt, 4, tmp_path, commit=False)  # killed before every rank had written
+    assert latest_tag_dir(ckpt) == ckpt / "global_step2"
+    assert validate(ckpt / "global_step2")["global_steps"] == 2
+    with pytest.raises(CheckpointError, match="incomplete"):
+        validate(ckpt / "global_step4")
+
+
+def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4):
+        fake_save(ckpt, step, tmp_path)
+    fake_save(ckpt, 5, tmp_path, commit=False)  # an interrupted save: left alone
+    deleted = fake_save(ckpt, 6, tmp_path, keep_last=2)
+    assert [d.name for d in deleted] == ["global_step2"]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["global_step4", "global_step5", "global_step6"]
+    assert (ckpt / "latest").read_text() == "global_step6"
+
+
+def test_damaged_checkpoints_are_named_and_left_alone(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    fake_save(ckpt, 2, tmp_path)
+    fake_save(ckpt, 4, tmp_path)
+    tag = ckpt / "global_step4"
+    optim = tag / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    data = optim.read_bytes()
+    optim.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="zero_pp_rank_0_mp_rank_01_optim_states.pt is damaged"):
+        validate(tag)
+    optim.write_bytes(data[:-40] + bytes(40))  # same length, end overwritten
+    with pytest.raises(CheckpointError, match="optim_states.pt is damaged"):
+        validate(tag)
+    (tag / "layer_01-model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="layer_01-model_states.pt is missing"):
+        validate(tag)
+    (tag / RUN_INFO).write_text("{not json")
+    with pytest.raises(CheckpointError, match="lamda_run.json is not valid JSON"):
+        validate(tag)
+    # the other checkpoint is untouched and still valid
+    assert validate(ckpt / "global_step2")["global_steps"] == 2
+    (ckpt / "latest").write_text("global_step9")
+    with pytest.raises(CheckpointError, match="names 'global_step9', which does not exist"):
+        latest_tag_dir(ckpt)
+
+
+def test_begin_save_clears_a_stale_marker(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    fake_save(ckpt, 2, tmp_path)
+    assert (ckpt / "global_step2" / COMPLETE).is_file()
+    fake_save(ckpt, 2, tmp_path, commit=False)  # the same step saved again, killed half-way
+    assert not (ckpt / "global_step2" / COMPLETE).is_file()
+    assert json.loads((ckpt / "global_step2" / RUN_INFO).read_text())["global_steps"] == 2
+
+
+def test_metrics_file_cut_mid_line_is_repaired(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    drop_partial_last_line(path)
+    assert path.read_text() == '{"step": 1}\n'
