@@ -124,3 +124,23 @@ def validate(tag_dir: Path, deep: bool = True) -> dict | None:
             if bad is not None:
                 raise CheckpointError(f"{path} is damaged (bad CRC in {bad}); {fix}")
     return info
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Converts a checkpoint to DeepSpeed's universal format (once; reused afterwards), which a
+    run with another pipeline-stage or data-parallel count can load with the optimizer state,
+    step count and LR schedule. No processes or GPUs needed; rank 0 calls it."""
+    out = tag_dir.parent / f"{tag_dir.name}_universal"
+    if (out / COMPLETE).is_file():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if out.exists():
+        shutil.rmtree(out)  # an earlier conversion that did not finish
+    ds_to_universal.main(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=False))
+    (out / COMPLETE).write_text("")
+    return out

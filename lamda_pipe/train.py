@@ -72,6 +72,7 @@ class Plan:
     sources: list | None  # None: the bundled demo corpus, prepared after start-up
     resume_dir: Path | None = None  # checkpoint folder to resume from
     resume_info: dict | None = None
+    change_layout: bool = False  # resume through a universal checkpoint (other stage/DP count)
 
 
 def preflight(args) -> Plan:
@@ -114,12 +115,8 @@ def preflight(args) -> Plan:
         plan.resume_info = validate(plan.resume_dir)
         if plan.resume_info is not None:
             check_compatible(plan.resume_info, plan.resume_dir, cfg, args.model, sources)
-            if (plan.resume_info["pipe_stages"], plan.resume_info["data_parallel"]) != (
-                    args.pipe_stages, batch.data_parallel):
-                raise ConfigError(
-                    f"--load {plan.resume_dir} was saved with {plan.resume_info['pipe_stages']} stages x "
-                    f"{plan.resume_info['data_parallel']} data parallel; resume with that layout (changing it "
-                    f"on resume is not supported yet)")
+            plan.change_layout = (plan.resume_info["pipe_stages"], plan.resume_info["data_parallel"]) != (
+                args.pipe_stages, batch.data_parallel)
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
@@ -177,7 +174,7 @@ def train(args, plan: Plan) -> int:
     from .data import MicroBatchStream, prepare_bundled
     from .distributed import init_distributed
     from .metrics import MetricsLogger
-    from .checkpoint import begin_save, commit_save, tag_for
+    from .checkpoint import begin_save, commit_save, tag_for, to_universal
     from .pipeline import build_pipeline, load_plain_state, read_plain_state
 
     cfg, ds, batch, sources = plan.cfg, plan.ds, plan.batch, plan.sources
@@ -212,7 +209,19 @@ def train(args, plan: Plan) -> int:
     # Samples consumed before this run's first step: the data position, saved in every checkpoint.
     samples_at_start = 0
     if plan.resume_dir is not None:
-        path, client_state = engine.load_checkpoint(str(plan.resume_dir.parent), tag=plan.resume_dir.name)
+        load_dir = plan.resume_dir
+        if plan.change_layout:
+            if rank == 0:
+                info = plan.resume_info
+                print(f"converting {load_dir} ({info['pipe_stages']} stages x {info['data_parallel']} data "
+                      f"parallel) to a universal checkpoint for {args.pipe_stages} x {batch.data_parallel}",
+                      flush=True)
+                to_universal(load_dir)
+            dist.barrier()
+            load_dir = load_dir.parent / f"{load_dir.name}_universal"
+            engine._config.load_universal_checkpoint = True  # for this load only
+        path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
+        engine._config.load_universal_checkpoint = False
         if path is None:
             raise SystemExit(f"ds_train.py: error: could not load a checkpoint from {plan.resume_dir}")
         client_state = client_state or {}

@@ -1,0 +1,83 @@
+"""Resuming with another pipeline layout through DeepSpeed's universal checkpoint: 2 stages -> 1,
+2 stages -> 2 stages x 2 data parallel, and 1 stage -> 2, each continuing the optimizer, step
+count, LR schedule and data position of the run it resumes (fp32: losses within 1e-6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT, read_metrics
+from tests.dist_utils import free_port
+
+BASE_STEPS, STEPS = 4, 6
+COMMON = ["--save-every", str(BASE_STEPS), "--eval-every", "0", "--log-every", "1", "--sample-tokens", "0"]
+
+
+def run(run_dir, procs, stages, steps, *extra, config=None):
+    cmd = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), DS_TRAIN,
+           "--run-dir", str(run_dir), "--pipe-stages", str(stages), "--steps", str(steps), *COMMON, *extra]
+    if config is not None:
+        cmd += ["--deepspeed_config", str(config)]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("universal")
+    run(root / "reference", 2, 2, STEPS)
+    run(root / "two_stages", 2, 2, BASE_STEPS)
+    run(root / "one_stage", 1, 1, BASE_STEPS)
+    return root
+
+
+def resume_copy(runs, base, name, procs, stages, config=None):
+    target = runs / name
+    shutil.copytree(runs / base, target)
+    proc = run(target, procs, stages, STEPS, "--resume", "auto", config=config)
+    assert "universal checkpoint" in proc.stdout
+    return target
+
+
+def check_continues(runs, resumed):
+    ref, got = losses(runs / "reference"), losses(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(BASE_STEPS + 1, STEPS + 1):  # the steps after the layout change
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+    info = json.loads((resumed / "checkpoints" / f"global_step{STEPS}" / "lamda_run.json").read_text())
+    assert info["global_steps"] == STEPS and info["samples_consumed"] == STEPS * 16
+    lr_ref = {r["step"]: r["lr"] for r in read_metrics(runs / "reference") if "lr" in r}
+    lr_got = {r["step"]: r["lr"] for r in read_metrics(resumed) if "lr" in r}
+    assert lr_got[STEPS] == pytest.approx(lr_ref[STEPS], rel=1e-9)  # the schedule went on, not restarted
+    return info
+
+
+def test_two_stages_to_one(runs):
+    info = check_continues(runs, resume_copy(runs, "two_stages", "to_one", procs=1, stages=1))
+    assert info["pipe_stages"] == 1
+
+
+def test_two_stages_to_two_by_two_data_parallel(runs, tmp_path):
+    # 4 processes; 2 micro-batches of 4 per rank keep the global batch at 16 samples
+    config = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    config["gradient_accumulation_steps"] = 2
+    path = tmp_path / "dp2.json"
+    path.write_text(json.dumps(config))
+    info = check_continues(runs, resume_copy(runs, "two_stages", "to_dp2", procs=4, stages=2, config=path))
+    assert (info["pipe_stages"], info["data_parallel"]) == (2, 2)
+
+
+def test_one_stage_to_two(runs):
+    info = check_continues(runs, resume_copy(runs, "one_stage", "to_two", procs=2, stages=2))
+    assert info["pipe_stages"] == 2
