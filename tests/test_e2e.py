@@ -174,3 +174,18 @@ def test_missing_data_refused_before_any_work(tmp_path):
     proc = run_preflight(tmp_path, "--data", str(tmp_path / "no-such-corpus"))
     assert proc.returncode == 2 and "no such data dir" in proc.stderr and "lamda-prepare-data" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_damaged_checkpoint_named_before_any_work(trained, tmp_path):
+    import shutil
+
+    run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    tag = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    layer = tag / "layer_02-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])
+    before = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    proc = run_preflight(tmp_path, "--resume", "auto")
+    assert proc.returncode == 2 and "layer_02-model_states.pt is damaged" in proc.stderr
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before  # nothing touched
