@@ -1,8 +1,18 @@
 """lamda-pipe: LaMDA-style language models pre-trained with DeepSpeed pipeline parallelism."""
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
-from .model import AutoregressiveWrapper, LaMDA, relative_position_bucket
 
 __all__ = ["LaMDA", "AutoregressiveWrapper", "ModelConfig", "PRESETS", "get_preset", "param_count",
            "flops_per_token", "relative_position_bucket"]
 __version__ = "0.1.0"
+
+_MODEL_NAMES = ("LaMDA", "AutoregressiveWrapper", "relative_position_bucket")
+
+
+def __getattr__(name):
+    # The model (and torch) load on first use: data-preparation worker processes import this
+    # package and never need them.
+    if name in _MODEL_NAMES:
+        from . import model
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

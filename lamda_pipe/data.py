@@ -27,9 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-EOT = "<|endoftext|>"
-PAD = "<pad>"
-UNK = "<unk>"
+from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special tokens)
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 MIX_BLOCK = 1024  # slots per mixture block; 1/16 weights (LaMDA's mix) are exact

@@ -18,11 +18,18 @@ Choices written down once here:
   the head does not start out predicting a copy of its input. Unscaled logits learned
   clearly faster than logits scaled by 1/sqrt(dim) in a comparison on the debug preset.
 * RMSNorm pre-norm blocks without biases, as in the T5 family.
+* Decoding (AutoregressiveWrapper.decode) keeps a KV cache: the prompt is run once, then each
+  new token costs one position. Past max_seq_len it recomputes over the last max_seq_len tokens
+  every step (exactly what uncached decoding does): a cache cannot slide, because its keys were
+  computed with the dropped tokens in view.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +37,11 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig
+
+# An exported model (lamda_pipe/export.py writes it, LaMDA.from_pretrained reads it).
+EXPORT_FORMAT = "lamda-pipe-export/1"
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step")  # config.json keys beyond ModelConfig
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = 32,
@@ -64,12 +76,15 @@ class RelativePositionBuckets:
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> one query's row
 
     def get(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (buckets (Tq, Tk) long, causal (Tq, Tk) bool: True where attention is allowed).
 
         Queries are the last q_len of k_len positions (q_len < k_len when decoding with a cache).
         """
+        if q_len == 1:
+            return self._last_row(k_len, device)
         key = (q_len, k_len, str(device))
         hit = self._cache.get(key)
         if hit is None:
@@ -81,6 +96,19 @@ class RelativePositionBuckets:
                 self._cache.pop(next(iter(self._cache)))  # the oldest
             self._cache[key] = hit
         return hit
+
+    def _last_row(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query against k_len keys: cached decoding asks for a new k_len every token. Served
+        as a view of one row per device (r = -(n-1) .. 0), grown by doubling, so decoding neither
+        rebuilds buckets per token nor evicts the prefill's entry from the dict."""
+        row = self._rows.get(str(device))
+        if row is None or row[0].shape[1] < k_len:
+            n = max(k_len, 2 * row[0].shape[1] if row is not None else 256)
+            rel = torch.arange(-(n - 1), 1, device=device)[None]  # (1, n) key - query
+            row = (relative_position_bucket(rel, self.num_buckets, self.max_distance),
+                   torch.ones(1, n, dtype=torch.bool, device=device))  # every key is in the past
+            self._rows[str(device)] = row
+        return row[0][:, -k_len:], row[1][:, -k_len:]  # (1, Tk) views
 
 
 class RelativePositionBias(nn.Module):
@@ -212,6 +240,47 @@ class LaMDA(nn.Module):
             x = block(x, self.buckets, None if kv_caches is None else kv_caches[i])
         return self.embed.logits(self.norm(x))  # tied head
 
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "LaMDA":
+        """Loads a directory written by lamda-export (config.json + model.safetensors), in eval
+        mode, with safetensors only: no pickle, no DeepSpeed. dtype None keeps the stored dtype."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        cfg = read_export_config(path)
+        weights_file = Path(path) / EXPORT_WEIGHTS
+        try:
+            state = load_file(weights_file, device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
+        with torch.device("meta"):
+            model = cls(config=cfg)  # shapes only: no random init of weights that are replaced next
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_file} does not match its {EXPORT_CONFIG}: {e}") from None
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def read_export_config(path) -> ModelConfig:
+    """The ModelConfig of an export dir (its config.json), checking both files are there."""
+    path = Path(path)
+    config_file = path / EXPORT_CONFIG
+    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not an exported model: missing {' and '.join(missing)}; export a checkpoint first "
+            f"(python scripts/export.py RUN_DIR --out {path})")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); re-export the model") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != EXPORT_FORMAT:
+        raise ValueError(f"{config_file}: format {found!r}, expected {EXPORT_FORMAT!r}; re-export the checkpoint "
+                         f"with this version's lamda-export")
+    return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
+
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keeps exactly the k largest logits per row (k tokens, as in the paper; ties broken by
@@ -219,6 +288,20 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = max(1, min(int(k), logits.shape[-1]))
     top = torch.topk(logits, k, dim=-1)
     return torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+
+
+class Decoded(NamedTuple):
+    tokens: torch.Tensor  # (B, S) new tokens; pad_value after a row's eos
+    logprobs: torch.Tensor  # (B, S) log p(token) at temperature 1, unfiltered; 0 on padding
+    lengths: torch.Tensor  # (B,) tokens each row generated, its eos included
+    logits: list[torch.Tensor] | None  # with keep_logits: the (B, vocab) fp32 logits of every step
+
+
+class Ranked(NamedTuple):
+    tokens: torch.Tensor  # (L,) the best candidate, its eos included, no padding
+    best: int  # its row in candidates
+    scores: torch.Tensor  # (N,) mean log-prob per generated token
+    candidates: Decoded  # all N
 
 
 class AutoregressiveWrapper(nn.Module):
@@ -237,29 +320,85 @@ class AutoregressiveWrapper(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, seq_len: int, top_k: int = 40, temperature: float = 1.0,
-                 eos_token: int | None = None) -> torch.Tensor:
+                 eos_token: int | None = None, *, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Samples `seq_len` new tokens after `prompt` ((T,) or (B, T)); returns only the new ones.
 
         Top-k sampling over k tokens; with eos_token, a row stops at its first eos and is padded.
+        """
+        squeeze = prompt.dim() == 1
+        out = self.decode(prompt[None] if squeeze else prompt, seq_len, top_k, temperature, eos_token,
+                          use_cache=use_cache, generator=generator).tokens
+        return out[0] if squeeze else out
+
+    @torch.no_grad()
+    def sample_and_rank(self, prompt: torch.Tensor, seq_len: int, num_candidates: int, top_k: int = 40,
+                        temperature: float = 1.0, eos_token: int | None = None, *, use_cache: bool = True,
+                        generator: torch.Generator | None = None) -> Ranked:
+        """The paper's sample-and-rank: samples num_candidates continuations of one prompt (T,) in
+        one batch and returns the one with the highest mean log-prob per generated token.
+
+        The score is the model's own likelihood (temperature 1, no top-k): top-k and temperature
+        shape the draws, not the judgement. It is averaged over the candidate's tokens (its eos
+        included) because every token adds a negative log-prob: the plain sum would favour the
+        shortest candidate whatever its quality. This is Meena's log P / T, which the LaMDA paper
+        follows ("a score based on the candidate's log-likelihood and its length").
+        """
+        if prompt.dim() != 1 or num_candidates < 1 or seq_len < 1:
+            raise ValueError("sample_and_rank takes one prompt (T,), num_candidates >= 1 and seq_len >= 1")
+        d = self.decode(prompt[None].expand(num_candidates, -1), seq_len, top_k, temperature, eos_token,
+                        use_cache=use_cache, generator=generator)
+        scores = d.logprobs.sum(dim=1) / d.lengths
+        best = int(scores.argmax())
+        return Ranked(d.tokens[best, :int(d.lengths[best])], best, scores, d)
+
+    @torch.no_grad()
+    def decode(self, prompt: torch.Tensor, seq_len: int, top_k: int = 40, temperature: float = 1.0,
+               eos_token: int | None = None, *, use_cache: bool = True,
+               generator: torch.Generator | None = None, keep_logits: bool = False) -> Decoded:
+        """Samples up to seq_len tokens after prompt (B, T); stops early once every row has its eos.
+
+        use_cache: feed one token per step through LaMDA's KV cache (see the module docstring for
+        contexts beyond max_seq_len); a net other than LaMDA (the seed contract: net(tokens) ->
+        logits) is always run over the whole context.
         """
         if temperature <= 0:
             raise ValueError("temperature must be > 0; use top_k=1 for greedy decoding")
         was_training = self.net.training
         self.net.eval()
-        squeeze = prompt.dim() == 1
-        out = prompt[None] if squeeze else prompt
-        start = out.shape[1]
-        done = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
-        for _ in range(seq_len):
-            logits = self.net(out[:, -self.max_seq_len:])[:, -1, :]
-            probs = F.softmax(top_k_filter(logits.float(), top_k) / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1)
-            nxt = nxt.masked_fill(done[:, None], self.pad_value)
-            out = torch.cat([out, nxt], dim=-1)
-            if eos_token is not None:
-                done |= nxt[:, 0] == eos_token
-                if done.all():
-                    break
-        self.net.train(was_training)
-        out = out[:, start:]
-        return out[0] if squeeze else out
+        out, b = prompt, prompt.shape[0]
+        cached = use_cache and isinstance(self.net, LaMDA)
+        caches = None
+        done = torch.zeros(b, dtype=torch.bool, device=out.device)
+        alive, logprobs, kept = [], [], []
+        try:
+            for _ in range(seq_len):
+                if cached and out.shape[1] <= self.max_seq_len:
+                    if caches is None:  # prefill: the whole prompt once
+                        caches = [{} for _ in self.net.blocks]
+                        logits = self.net(out, kv_caches=caches)[:, -1]
+                    else:  # one new position against the cached keys and values
+                        logits = self.net(out[:, -1:], kv_caches=caches)[:, -1]
+                else:
+                    caches = None  # past max_seq_len the cache is useless; free it
+                    logits = self.net(out[:, -self.max_seq_len:])[:, -1]
+                logits = logits.float()  # (B, V)
+                if keep_logits:
+                    kept.append(logits.clone())  # not a view that would keep the prefill's (B, T, V) alive
+                probs = F.softmax(top_k_filter(logits, top_k) / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+                alive.append(~done)
+                logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, nxt)[:, 0].masked_fill(done, 0.0))
+                nxt = nxt.masked_fill(done[:, None], self.pad_value)
+                out = torch.cat([out, nxt], dim=-1)
+                if eos_token is not None:
+                    done |= nxt[:, 0] == eos_token
+                    if done.all():
+                        break
+        finally:
+            self.net.train(was_training)
+        new = out[:, prompt.shape[1]:]
+        if not alive:  # seq_len 0
+            return Decoded(new, new.float(), new.new_zeros(b), [] if keep_logits else None)
+        return Decoded(new, torch.stack(logprobs, dim=1), torch.stack(alive, dim=1).sum(dim=1),
+                       kept if keep_logits else None)

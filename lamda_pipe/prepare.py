@@ -185,24 +185,23 @@ def _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction, workers
         yield from (_encode(tok, *task) for task in tasks)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    # fork: workers start at once, without re-importing torch; elsewhere the platform default
-    ctx = mp.get_context("fork" if sys.platform == "linux" else None)
-    pool = ctx.Pool(workers, initializer=_init_worker)
+    # spawn, not fork: forking a parent that already runs threads (tokenizers' pool, torch,
+    # a training job's helpers) can deadlock the children or the pool's own handler threads.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker)
     try:
-        # apply_async with a bounded window instead of imap: imap's feeder thread would read the
-        # whole input into memory ahead of the workers; results are still taken in input order.
+        # A bounded window of submitted batches: reading the whole input ahead of the workers
+        # would hold it all in memory; results are still taken in input order.
         pending = collections.deque()
         for task in tasks:
-            pending.append(pool.apply_async(_pool_task, ((str(tok_path), sha), task)))
+            pending.append(pool.submit(_pool_task, (str(tok_path), sha), task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-        pool.close()
+            yield pending.popleft().result()
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _encode(tok, first: int, docs: list[str], eot: int, dtype: str, val_fraction: float):
@@ -230,10 +229,23 @@ def _pool_task(tokenizer_key: tuple[str, str], task: tuple):
     return _encode(_worker_tokenizer(*tokenizer_key), *task)
 
 
+def _exit_with_parent(sentinel) -> None:
+    from multiprocessing.connection import wait
+
+    wait([sentinel])  # readable once the parent has exited, however it died
+    os._exit(1)
+
+
 def _init_worker() -> None:
-    # (Workers of a killed parent exit by themselves: their task pipe reaches end-of-file.)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism: one thread per worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it terminates the pool)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it shuts the pool down)
+    import multiprocessing as mp
+    import threading
+
+    # A worker blocked on the task queue would outlive a parent killed with SIGKILL: watch it.
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -20,9 +20,11 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .data import EOT, PAD, UNK
 from .text_sources import DataError
 
+EOT = "<|endoftext|>"
+PAD = "<pad>"
+UNK = "<unk>"
 SPECIAL_TOKENS = [EOT, PAD, UNK]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 MIN_VOCAB_SIZE = len(BYTE_TOKENS) + len(SPECIAL_TOKENS) + 1

@@ -2,4 +2,5 @@
 """Same as `lamda-train-tokenizer` (lamda_pipe/tools/train_tokenizer.py)."""
 from lamda_pipe.tools.train_tokenizer import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned worker processes re-import this file
+    raise SystemExit(main())

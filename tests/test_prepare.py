@@ -200,10 +200,10 @@ def test_sigkill_midway_leaves_no_output_and_no_workers(docs, tok_path, tmp_path
             assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()}"
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        workers = _children(proc.pid)
+        workers = _children(proc.pid)  # the 2 workers and multiprocessing's resource tracker
         os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers must follow by themselves
         proc.wait()
-        assert len(workers) == 2
+        assert len(workers) >= 2
         deadline = time.monotonic() + 10
         while any(map(_alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.05)

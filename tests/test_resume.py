@@ -96,3 +96,16 @@ def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
     assert steps == [1, 2]  # a new step count
     info = json.loads((fresh / "checkpoints" / "global_step2" / "lamda_run.json").read_text())
     assert info["global_steps"] == 2 and info["samples_consumed"] == 2 * 16
+    # the same weights through an export: the same losses, bit for bit
+    from lamda_pipe.export import export_checkpoint
+
+    export = export_checkpoint(source, tmp_path / "export")
+    from_export = tmp_path / "from_export"
+    launch(from_export, "--steps", "2", "--init-from", str(export), "--sample-tokens", "0",
+           "--data", str(source / "data"))
+    assert [r["loss"] for r in read_metrics(from_export) if "loss" in r] == [
+        r["loss"] for r in read_metrics(fresh) if "loss" in r]
+    # and a fresh start differs: the weights really were loaded
+    scratch = tmp_path / "scratch"
+    launch(scratch, "--steps", "1", "--sample-tokens", "0", "--data", str(source / "data"))
+    assert read_metrics(scratch)[0]["loss"] > read_metrics(fresh)[0]["loss"]
