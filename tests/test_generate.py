@@ -20,13 +20,7 @@ TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_
                    num_buckets=8, max_distance=20)  # a 40-token context reaches every kind of bucket
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the many tiny ops are far faster so (see tests/test_model.py)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> LaMDA:

@@ -23,16 +23,7 @@ TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_
 TINY_FEW_BUCKETS = TINY.replace(num_buckets=8, max_distance=20)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: with several, the many tiny ops of these tests spend most of their
-    time in OpenMP barriers, dreadfully so when the cores are shared with other jobs (measured
-    on the 2-core CI box: the KV-cache test 6 s -> 0.06 s; even the README snippet ran 2x
-    faster on a loaded machine). Results do not depend on it (fp32, tolerances 1e-5)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> LaMDA:
