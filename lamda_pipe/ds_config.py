@@ -95,10 +95,11 @@ def check_run(ds: dict, cfg: ModelConfig, *, pipe_stages: int, world_size: int, 
         raise ConfigError(f"--pipe-stages {pipe_stages} does not divide the world size {world_size}: "
                           f"launch a multiple of {pipe_stages} processes or change --pipe-stages")
     zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if zero_stage >= 2 and pipe_stages > 1:
+    # The model is always a PipelineModule, whose engine refuses ZeRO-2/3 even with one stage.
+    if zero_stage >= 2:
         raise ConfigError(f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism "
-                          f"({pipe_stages} stages): use ZeRO-1 with pipeline parallelism "
-                          f'("zero_optimization": {{"stage": 1}})')
+                          f"({pipe_stages} stage{'s' if pipe_stages > 1 else ''}; the model is always a pipeline): "
+                          f'use ZeRO-1 with pipeline parallelism ("zero_optimization": {{"stage": 1}})')
     if seq_len < 1 or seq_len > cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is beyond the model's maximum of {cfg.max_seq_len}; "
                           f"use --seq-len <= {cfg.max_seq_len} or a preset with a longer max_seq_len")

@@ -1,0 +1,126 @@
+"""scripts/slurm/*.sbatch against a real Slurm: munged, slurmctld and slurmd started on this
+machine with a private config (tests/hosts.py), jobs submitted with `sbatch`, polled with
+`scontrol show job`. Both launch paths train a 2-stage pipeline on the one node (2 tasks), save,
+and continue: the srun script through a second submission, the DeepSpeed-launcher script through
+a requeue triggered the way the time limit triggers it (USR1 to the batch shell).
+
+Skips (with the reason) where Slurm cannot be installed or run; CI (.ci/run) installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.hosts import SlurmCluster, free_port, sbatch_env, skip, slurm_unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts" / "slurm"
+JOB_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def slurm(request):
+    reason = slurm_unavailable()
+    if reason:
+        skip(request, reason)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def submit(slurm: SlurmCluster, script: str, run_dir: Path, log: Path, steps: int) -> int:
+    # One node, 2 tasks of one core each: 2 ranks, one pipeline stage each.
+    env = sbatch_env(run_dir, steps, LAMDA_MASTER_PORT=str(free_port()))
+    return slurm.sbatch("--job-name", "lamda-test", "--output", str(log), "--nodes", "1", "--ntasks-per-node", "2",
+                        "--cpus-per-task", "1", str(SCRIPTS / script), env=env, cwd=ROOT)
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_srun_script_trains_then_a_second_submission_resumes(slurm, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job1.out"
+    job = submit(slurm, "pretrain_srun.sbatch", run_dir, log, steps=4)
+    text = slurm.wait_ok(job, log, JOB_TIMEOUT)
+    assert f"job {job} (restart 0) on 1 node(s)" in text
+    assert "ranks: 2 per node x 1 = 2 | 1 thread(s) each | accelerator cpu" in text
+    assert "+ srun --kill-on-bad-exit=1" in text and "--resume auto" in text
+    assert "2 stages x 1 data parallel" in text and "trained to step 4" in text
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4]
+    assert latest(run_dir) == "global_step4"
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {
+        p.name for p in (run_dir / "checkpoints" / "global_step4").iterdir()}
+
+    log2 = tmp_path / "job2.out"
+    job2 = submit(slurm, "pretrain_srun.sbatch", run_dir, log2, steps=6)
+    text2 = slurm.wait_ok(job2, log2, JOB_TIMEOUT)
+    assert "at step 4, 64 samples consumed" in text2  # 64 = 4 steps x 16 samples
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert latest(run_dir) == "global_step6"
+
+
+def test_deepspeed_launcher_script_requeued_before_time_limit_resumes(slurm, tmp_path):
+    """One node: the DeepSpeed launcher starts both ranks locally (no hostfile, no ssh). USR1 to
+    the batch shell, which #SBATCH --signal=B:USR1@300 sends before the time limit, makes the
+    script requeue the job; the rerun resumes from the last checkpoint and finishes."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 30  # long enough that USR1 reliably lands while it trains (~0.15 s a step here)
+    job = submit(slurm, "pretrain.sbatch", run_dir, log, steps=steps)
+
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (run_dir / "checkpoints" / "latest").exists():  # the first checkpoint (step 2)
+        info = slurm.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
+            f"no checkpoint while the job ran: {info.get('JobState')}\n"
+            + (log.read_text(errors='replace')[-5000:] if log.exists() else ""))
+        time.sleep(0.1)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", str(job), check=True)
+
+    # The requeued job waits for a begin time Slurm sets about 2 minutes ahead: release it, but
+    # only once the node has cleaned up and the clock has moved past the second in which the
+    # first attempt's credential was revoked (slurmd compares whole seconds: a relaunch within
+    # that second fails with "Job credential revoked").
+    while True:
+        info = slurm.job(job)
+        if info["JobState"] == "PENDING" and int(info.get("Restarts", 0)) >= 1:
+            while slurm.cmd("sinfo", "-h", "-o", "%t").strip() != "idle" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2)
+            slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
+            break
+        assert info["JobState"] != "COMPLETED", "the job finished before USR1 could requeue it\n" + log.read_text()
+        assert time.monotonic() < deadline, f"job {job} not requeued: {info}\n{log.read_text()}"
+        time.sleep(0.1)
+    text = slurm.wait_ok(job, log, JOB_TIMEOUT)
+
+    assert f"USR1: time limit near, requeueing job {job}" in text
+    assert f"job {job} (restart 0) on 1 node(s)" in text and f"job {job} (restart 1) on 1 node(s)" in text
+    launcher_lines = [line for line in text.splitlines() if line.startswith("+ ")]
+    assert len(launcher_lines) == 2 and all("--num_gpus 2" in line and "ds_train.py" in line for line in launcher_lines)
+    assert text.count("nnodes=1, num_local_procs=2") == 2  # DeepSpeed's launch.py, once per attempt
+
+    # The rerun resumed from the checkpoint the first attempt completed last, and went on to the end.
+    second_attempt = text.split(f"job {job} (restart 1)")[1]
+    resumed_at = int(second_attempt.split("resumed from ")[1].split(" at step ")[1].split(",")[0])
+    assert 2 <= resumed_at < steps and resumed_at % 2 == 0
+    records = train_records(run_dir)
+    n_rerun = steps - resumed_at
+    first, rerun = records[:-n_rerun], records[-n_rerun:]
+    assert [r["step"] for r in rerun] == list(range(resumed_at + 1, steps + 1))
+    assert [r["step"] for r in first] == list(range(1, len(first) + 1)) and len(first) >= resumed_at
+    # Steps the first attempt ran past its last checkpoint were recomputed, identically.
+    for a, b in zip(first[resumed_at:], rerun):
+        assert a["loss"] == b["loss"], (a, b)
+    assert latest(run_dir) == f"global_step{steps}"
