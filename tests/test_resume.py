@@ -61,7 +61,10 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     run_dir = tmp_path / "killed"
     kills = []
     for _ in range(3):
-        target = rng.randint(max(1, last_step(run_dir)), STEPS - 1)
+        low = max(1, last_step(run_dir))
+        if low > STEPS - 1:  # a launch got to the end before its kill landed: nothing left to cut
+            break
+        target = rng.randint(low, STEPS - 1)
         proc = start(run_dir)
         deadline = time.monotonic() + 120
         while last_step(run_dir) < target and proc.poll() is None and time.monotonic() < deadline:
@@ -72,7 +75,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         proc.wait(timeout=30)
     launch(run_dir, "--resume", "auto", *FLAGS)  # the requeued job: same command, to the end
 
-    assert all(seen >= target and alive is None for target, seen, alive in kills), kills  # killed mid-run
+    # at least one kill hit a live run past its target step (a late one may find it finished)
+    assert any(seen >= target and alive is None for target, seen, alive in kills), kills
     assert last_step(run_dir) == STEPS, kills
     assert final_losses(run_dir) == final_losses(reference), kills
     ckpt, ref_ckpt = run_dir / "checkpoints", reference / "checkpoints"
