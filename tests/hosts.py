@@ -27,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from lamda_pipe.prepare import _pid_alive  # one liveness check for the project
+
 APT_TIMEOUT = 600
 
 
@@ -34,16 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
