@@ -7,6 +7,29 @@ import math
 import time
 from pathlib import Path
 
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s per GPU, from the vendors'
+# datasheets. Matched against torch.cuda.get_device_name() in this order: the first entry
+# whose words all appear in the name wins, so the PCIe/NVL variants come before the SXM parts.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5),
+    ("H200 NVL", 835.5),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4),  # SXM ("NVIDIA H200")
+    ("H800", 989.4),
+    ("A100", 312.0),  # SXM and PCIe alike
+    ("A800", 312.0),
+)
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its name, or None when the card is not in the table."""
+    words = device_name.upper().replace("-", " ").split()
+    for key, peak in PEAK_BF16_TFLOPS:
+        if all(w in words for w in key.upper().split()):
+            return peak
+    return None
+
 
 def drop_partial_last_line(path: Path) -> None:
     """A run killed mid-write can leave half a JSON line; cut it so the file stays line-valid."""

@@ -36,121 +36,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .attention import (  # noqa: F401  (re-exported: the model's public names)
+    Attention,
+    RelativePositionBias,
+    RelativePositionBuckets,
+    relative_position_bucket,
+)
 from .config import ModelConfig
 
 # An exported model (lamda_pipe/export.py writes it, LaMDA.from_pretrained reads it).
 EXPORT_FORMAT = "lamda-pipe-export/1"
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step")  # config.json keys beyond ModelConfig
-
-
-def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = 32,
-                             max_distance: int = 128) -> torch.Tensor:
-    """T5's unidirectional bucket of relative_position = key - query (integer tensor).
-
-    Future keys (r > 0) map to bucket 0. For n = -r: 0 <= n < B/2 is its own bucket;
-    larger distances are log-spaced onto B/2 .. B-1, and n >= max_distance is B-1.
-    """
-    n = (-relative_position).clamp(min=0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    # log-spaced part; clamp n to 1 inside the log so exact distances do not produce -inf
-    val_large = max_exact + (
-        torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).long()
-    val_large = val_large.clamp(max=num_buckets - 1)
-    return torch.where(is_small, n, val_large)
-
-
-class RelativePositionBuckets:
-    """Per-model cache of bucket indices and the causal mask for each (seq_len, device).
-
-    Built once per sequence length and shared by every layer of a model (or of one
-    pipeline stage), so the per-step work of a layer is a single gather from its table.
-    """
-
-    max_entries = 8  # training uses one shape; decoding walks through many, keep the latest few
-
-    def __init__(self, num_buckets: int, max_distance: int):
-        self.num_buckets = num_buckets
-        self.max_distance = max_distance
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> one query's row
-
-    def get(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (buckets (Tq, Tk) long, causal (Tq, Tk) bool: True where attention is allowed).
-
-        Queries are the last q_len of k_len positions (q_len < k_len when decoding with a cache).
-        """
-        if q_len == 1:
-            return self._last_row(k_len, device)
-        key = (q_len, k_len, str(device))
-        hit = self._cache.get(key)
-        if hit is None:
-            q_pos = torch.arange(k_len - q_len, k_len, device=device)
-            k_pos = torch.arange(k_len, device=device)
-            rel = k_pos[None, :] - q_pos[:, None]  # (Tq, Tk) key - query
-            hit = (relative_position_bucket(rel, self.num_buckets, self.max_distance), rel <= 0)
-            if len(self._cache) >= self.max_entries:
-                self._cache.pop(next(iter(self._cache)))  # the oldest
-            self._cache[key] = hit
-        return hit
-
-    def _last_row(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query against k_len keys: cached decoding asks for a new k_len every token. Served
-        as a view of one row per device (r = -(n-1) .. 0), grown by doubling, so decoding neither
-        rebuilds buckets per token nor evicts the prefill's entry from the dict."""
-        row = self._rows.get(str(device))
-        if row is None or row[0].shape[1] < k_len:
-            n = max(k_len, 2 * row[0].shape[1] if row is not None else 256)
-            rel = torch.arange(-(n - 1), 1, device=device)[None]  # (1, n) key - query
-            row = (relative_position_bucket(rel, self.num_buckets, self.max_distance),
-                   torch.ones(1, n, dtype=torch.bool, device=device))  # every key is in the past
-            self._rows[str(device)] = row
-        return row[0][:, -k_len:], row[1][:, -k_len:]  # (1, Tk) views
-
-
-class RelativePositionBias(nn.Module):
-    """A learned (num_buckets, heads) table turned into an additive attention mask."""
-
-    def __init__(self, num_buckets: int, heads: int):
-        super().__init__()
-        # Zero start: position-agnostic apart from causality; the table learns quickly.
-        self.weight = nn.Parameter(torch.zeros(num_buckets, heads))
-
-    def forward(self, buckets: torch.Tensor, causal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Returns the bias with the causal mask folded in: (1, H, Tq, Tk) in `dtype`."""
-        bias = self.weight.to(dtype).t()[:, buckets]  # (H, Tq, Tk): gather, no permute copy
-        bias = bias.masked_fill(~causal, float("-inf"))
-        return bias.unsqueeze(0)
-
-
-class Attention(nn.Module):
-    """Multi-head causal self-attention with a per-layer T5 relative position bias."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.heads, self.dim_head = cfg.heads, cfg.dim_head
-        self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.inner_dim, bias=False)  # fused Q, K, V projections
-        self.out = nn.Linear(cfg.inner_dim, cfg.dim, bias=False)
-        self.rel_bias = RelativePositionBias(cfg.num_buckets, cfg.heads)
-
-    def forward(self, x: torch.Tensor, buckets: RelativePositionBuckets,
-                kv_cache: dict | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        if kv_cache is not None:  # decoding: append this step's keys and values
-            if "k" in kv_cache:
-                k = torch.cat([kv_cache["k"], k], dim=2)
-                v = torch.cat([kv_cache["v"], v], dim=2)
-            kv_cache["k"], kv_cache["v"] = k, v
-        idx, causal = buckets.get(t, k.shape[2], x.device)
-        mask = self.rel_bias(idx, causal, q.dtype)  # (1, H, Tq, Tk) bias + causal mask
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -220,7 +117,9 @@ class LaMDA(nn.Module):
 
     def __init__(self, num_tokens: int | None = None, dim: int | None = None,
                  dim_head: int | None = None, depth: int | None = None, heads: int | None = None,
-                 *, config: ModelConfig | None = None, **overrides):
+                 *, config: ModelConfig | None = None, attn_impl: str = "auto", **overrides):
+        """attn_impl: "auto", "sdpa" or "flex", the attention kernel (lamda_pipe/attention.py);
+        it changes speed and memory, not the function computed."""
         super().__init__()
         if config is None:
             # Keyword form of the seed repo: LaMDA(num_tokens=..., dim=..., dim_head=..., ...)
@@ -232,7 +131,7 @@ class LaMDA(nn.Module):
         self.embed = TokenEmbedding(cfg)
         self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+        self.buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, attn_impl)
 
     def forward(self, tokens: torch.Tensor, kv_caches: list[dict] | None = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -241,7 +140,8 @@ class LaMDA(nn.Module):
         return self.embed.logits(self.norm(x))  # tied head
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None) -> "LaMDA":
+    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None,
+                        attn_impl: str = "auto") -> "LaMDA":
         """Loads a directory written by lamda-export (config.json + model.safetensors), in eval
         mode, with safetensors only: no pickle, no DeepSpeed. dtype None keeps the stored dtype."""
         from safetensors import SafetensorError
@@ -254,7 +154,7 @@ class LaMDA(nn.Module):
         except SafetensorError as e:
             raise ValueError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
         with torch.device("meta"):
-            model = cls(config=cfg)  # shapes only: no random init of weights that are replaced next
+            model = cls(config=cfg, attn_impl=attn_impl)  # shapes only: no random init of weights that are replaced next
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:

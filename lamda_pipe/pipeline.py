@@ -25,7 +25,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig
-from .model import Block, LaMDA, RelativePositionBuckets, TokenEmbedding, init_block_weights
+from .attention import RelativePositionBuckets
+from .model import Block, LaMDA, TokenEmbedding, init_block_weights
 
 TIED_KEY = "embed"
 
@@ -63,8 +64,8 @@ def int_seed_fn(seed) -> None:
     set_random_seed(int(seed))
 
 
-def layer_specs(cfg: ModelConfig) -> list:
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+def layer_specs(cfg: ModelConfig, attn_impl: str = "auto") -> list:
+    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, attn_impl)
     return [
         TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, tied_weight_attr="weight"),
         *[LayerSpec(BlockPipe, cfg, buckets) for _ in range(cfg.depth)],
@@ -74,11 +75,11 @@ def layer_specs(cfg: ModelConfig) -> list:
 
 
 def build_pipeline(cfg: ModelConfig, num_stages: int, seed: int, activation_checkpoint_interval: int = 0,
-                   partition_method: str = "type:BlockPipe") -> PipelineModule:
+                   partition_method: str = "type:BlockPipe", attn_impl: str = "auto") -> PipelineModule:
     """Assembles the pipeline. Each layer is built and run under a seed derived from its
     global index, so initialisation and dropout do not depend on the number of stages."""
     module = PipelineModule(
-        layers=layer_specs(cfg),
+        layers=layer_specs(cfg, attn_impl),
         num_stages=num_stages,
         loss_fn=lm_loss,
         partition_method=partition_method,

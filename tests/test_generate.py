@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lamda_pipe.model as model_mod
+import lamda_pipe.attention as attention_mod
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig
 from lamda_pipe.export import export_checkpoint
 from lamda_pipe.tokenizer import load_tokenizer, special_ids, vocab_size
@@ -69,8 +69,8 @@ def test_cached_decoding_past_max_seq_len_recomputes_the_window():
 
 def test_cached_decoding_builds_buckets_once_and_keeps_the_cache_bounded(monkeypatch):
     calls = []
-    real = model_mod.relative_position_bucket
-    monkeypatch.setattr(model_mod, "relative_position_bucket", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention_mod.relative_position_bucket
+    monkeypatch.setattr(attention_mod, "relative_position_bucket", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model()
     wrapper = AutoregressiveWrapper(model, max_seq_len=TINY.max_seq_len)
     wrapper.generate(torch.zeros(1, 4, dtype=torch.long), 50, generator=torch.Generator().manual_seed(5))

@@ -1,0 +1,215 @@
+"""Causal self-attention with a T5 relative position bias, and the two kernels that run it.
+
+Plain PyTorch, no DeepSpeed. The per-model ``RelativePositionBuckets`` caches what every layer
+needs for a sequence length (bucket indices, causal mask, FlexAttention block mask) and says
+which kernel to use (``impl``):
+
+* ``"sdpa"``: gather a (H, Tq, Tk) bias from the cached bucket indices, fold the causal mask in
+  as -inf, and pass it to ``F.scaled_dot_product_attention`` as ``attn_mask``. Runs everywhere,
+  supports attention dropout and KV-cache decoding (Tq < Tk); the CPU and parity path. It
+  materialises the bias (and, in training, its gradient) per layer: O(H T^2) memory, and on
+  CUDA it rules out the flash kernel (no mask support), leaving the memory-efficient one.
+* ``"flex"``: ``torch.nn.attention.flex_attention``. The bias depends only on the distance
+  n = q - k, so a layer's table is expanded to a (H, T) bias-by-distance tensor that a
+  ``score_mod`` reads; causality is a ``BlockMask``, so tiles above the diagonal are skipped
+  rather than computed and masked. Nothing of size T x T exists, forward or backward. Compiled
+  to Triton kernels on CUDA. Limits (torch's): no attention dropout, no backward on CPU.
+* ``"auto"`` (default): flex on CUDA for full sequences (training, eval, prefill) without
+  attention dropout; sdpa otherwise. bench/gpu.py measures both kernels (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import ModelConfig
+
+ATTN_IMPLS = ("auto", "sdpa", "flex")
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = 32,
+                             max_distance: int = 128) -> torch.Tensor:
+    """T5's unidirectional bucket of relative_position = key - query (integer tensor).
+
+    Future keys (r > 0) map to bucket 0. For n = -r: 0 <= n < B/2 is its own bucket;
+    larger distances are log-spaced onto B/2 .. B-1, and n >= max_distance is B-1.
+    """
+    n = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # log-spaced part; clamp n to 1 inside the log so exact distances do not produce -inf
+    val_large = max_exact + (
+        torch.log(n.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).long()
+    val_large = val_large.clamp(max=num_buckets - 1)
+    return torch.where(is_small, n, val_large)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process (Triton kernels on CUDA); eager flex attention
+    would materialise the scores. Shapes are static in training, so no dynamic shapes."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_by_distance: torch.Tensor,
+                          block_mask) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(d) + bias[h, q - k]) v with FlexAttention.
+
+    q, k, v: (B, H, T, D); bias_by_distance: (H, T), entry n is the bias at distance q - k = n.
+    """
+    def add_bias(score, b, h, q_idx, kv_idx):
+        # Masked (future) positions in partly masked tiles are evaluated too: clamp keeps the
+        # read in bounds, the block mask then removes them.
+        return score + bias_by_distance[h, (q_idx - kv_idx).clamp(min=0)]
+
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        flex = _compiled_flex_attention()
+    else:  # inside a compiled region it is traced as is; on CPU eager (forward only, parity tests)
+        flex = flex_attention
+    return flex(q, k, v, score_mod=add_bias, block_mask=block_mask)
+
+
+class RelativePositionBuckets:
+    """Per-model cache of bucket indices, causal masks and block masks per (seq_len, device),
+    and the attention kernel choice (``impl``: one of ATTN_IMPLS).
+
+    Built once per sequence length and shared by every layer of a model (or of one
+    pipeline stage), so the per-step work of a layer is a single gather from its table.
+    """
+
+    max_entries = 8  # training uses one shape; decoding walks through many, keep the latest few
+
+    def __init__(self, num_buckets: int, max_distance: int, impl: str = "auto"):
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose one of: {', '.join(ATTN_IMPLS)}")
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.impl = impl
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> one query's row
+        self._flex: dict[tuple, tuple] = {}  # (T, device) -> (distance buckets, block mask)
+
+    def use_flex(self, device: torch.device, full_sequence: bool, dropout_active: bool) -> bool:
+        """Whether a layer should run FlexAttention for this call (see the module docstring)."""
+        if self.impl == "sdpa" or not full_sequence:
+            return False  # decoding with a KV cache (Tq < Tk) always takes the sdpa path
+        if self.impl == "flex":
+            if dropout_active:
+                raise ValueError("attention 'flex' has no attention dropout; use attention 'sdpa' or 'auto', "
+                                 "or dropout 0")
+            return True
+        return device.type == "cuda" and not dropout_active
+
+    def get(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (buckets (Tq, Tk) long, causal (Tq, Tk) bool: True where attention is allowed).
+
+        Queries are the last q_len of k_len positions (q_len < k_len when decoding with a cache).
+        """
+        if q_len == 1:
+            return self._last_row(k_len, device)
+        key = (q_len, k_len, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            q_pos = torch.arange(k_len - q_len, k_len, device=device)
+            k_pos = torch.arange(k_len, device=device)
+            rel = k_pos[None, :] - q_pos[:, None]  # (Tq, Tk) key - query
+            hit = (relative_position_bucket(rel, self.num_buckets, self.max_distance), rel <= 0)
+            if len(self._cache) >= self.max_entries:
+                self._cache.pop(next(iter(self._cache)))  # the oldest
+            self._cache[key] = hit
+        return hit
+
+    def get_flex(self, seq_len: int, device: torch.device) -> tuple:
+        """Returns (bucket of each distance n = 0 .. T-1, (T,) long; causal BlockMask)."""
+        key = (seq_len, str(device))
+        hit = self._flex.get(key)
+        if hit is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+            distance = torch.arange(seq_len, device=device)
+            hit = (relative_position_bucket(-distance, self.num_buckets, self.max_distance),
+                   create_block_mask(_causal, None, None, seq_len, seq_len, device=device))
+            if len(self._flex) >= self.max_entries:
+                self._flex.pop(next(iter(self._flex)))
+            self._flex[key] = hit
+        return hit
+
+    def _last_row(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query against k_len keys: cached decoding asks for a new k_len every token. Served
+        as a view of one row per device (r = -(n-1) .. 0), grown by doubling, so decoding neither
+        rebuilds buckets per token nor evicts the prefill's entry from the dict."""
+        row = self._rows.get(str(device))
+        if row is None or row[0].shape[1] < k_len:
+            n = max(k_len, 2 * row[0].shape[1] if row is not None else 256)
+            rel = torch.arange(-(n - 1), 1, device=device)[None]  # (1, n) key - query
+            row = (relative_position_bucket(rel, self.num_buckets, self.max_distance),
+                   torch.ones(1, n, dtype=torch.bool, device=device))  # every key is in the past
+            self._rows[str(device)] = row
+        return row[0][:, -k_len:], row[1][:, -k_len:]  # (1, Tk) views
+
+
+class RelativePositionBias(nn.Module):
+    """A learned (num_buckets, heads) table turned into an additive attention bias."""
+
+    def __init__(self, num_buckets: int, heads: int):
+        super().__init__()
+        # Zero start: position-agnostic apart from causality; the table learns quickly.
+        self.weight = nn.Parameter(torch.zeros(num_buckets, heads))
+
+    def forward(self, buckets: torch.Tensor, causal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Returns the bias with the causal mask folded in: (1, H, Tq, Tk) in `dtype`.
+
+        Gathered from the fp32 table and cast after, so that in backward the (H, Tq, Tk)
+        gradient is summed into the table in fp32: summed in bf16 its error was ~5% (bench/gpu.py).
+        """
+        bias = self.weight.float().t()[:, buckets]  # (H, Tq, Tk): gather, no permute copy
+        bias = bias.masked_fill(~causal, float("-inf"))
+        return bias.to(dtype).unsqueeze(0)
+
+    def by_distance(self, distance_buckets: torch.Tensor) -> torch.Tensor:
+        """(H, T) fp32 bias per distance n = q - k for FlexAttention's score_mod."""
+        return self.weight.float().t()[:, distance_buckets]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with a per-layer T5 relative position bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.inner_dim, bias=False)  # fused Q, K, V projections
+        self.out = nn.Linear(cfg.inner_dim, cfg.dim, bias=False)
+        self.rel_bias = RelativePositionBias(cfg.num_buckets, cfg.heads)
+
+    def forward(self, x: torch.Tensor, buckets: RelativePositionBuckets,
+                kv_cache: dict | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if kv_cache is not None:  # decoding: append this step's keys and values
+            if "k" in kv_cache:
+                k = torch.cat([kv_cache["k"], k], dim=2)
+                v = torch.cat([kv_cache["v"], v], dim=2)
+            kv_cache["k"], kv_cache["v"] = k, v
+        dropout = self.dropout if self.training else 0.0
+        if buckets.use_flex(x.device, t == k.shape[2], dropout > 0):
+            distance_buckets, block_mask = buckets.get_flex(t, x.device)
+            y = flex_biased_attention(q, k, v, self.rel_bias.by_distance(distance_buckets), block_mask)
+        else:
+            idx, causal = buckets.get(t, k.shape[2], x.device)
+            mask = self.rel_bias(idx, causal, q.dtype)  # (1, H, Tq, Tk) bias + causal mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out(rearrange(y, "b h t d -> b t (h d)"))
