@@ -36,7 +36,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from lamda_pipe.attention import RelativePositionBias, RelativePositionBuckets, flex_biased_attention  # noqa: E402
+from lamda_pipe.attention import (  # noqa: E402
+    FLEX_KERNEL_OPTIONS_16BIT,
+    RelativePositionBias,
+    RelativePositionBuckets,
+    flex_biased_attention,
+)
 from lamda_pipe.config import ModelConfig, flops_per_token, get_preset, param_count  # noqa: E402
 from lamda_pipe.metrics import peak_tflops_for  # noqa: E402
 from lamda_pipe.model import LaMDA  # noqa: E402
@@ -95,7 +100,7 @@ def attention_variants(device, with_grad: bool):
     RelativePositionBias (the layer's table), ctx a RelativePositionBuckets."""
     def flex(q, k, v, rb, ctx):
         dist, block_mask = ctx.get_flex(q.shape[2], device)
-        return flex_biased_attention(q, k, v, rb.by_distance(dist), block_mask)
+        return flex_biased_attention(q, k, v, rb.by_distance(dist), block_mask, ctx.flex_kernel_options)
 
     def sdpa(q, k, v, rb, ctx):
         idx, causal = ctx.get(q.shape[2], q.shape[2], device)
@@ -120,7 +125,7 @@ def make_bias(table: torch.Tensor, device) -> RelativePositionBias:
     return rb
 
 
-def check_attention(device, dtype, b=2, h=8, t=300, d=64) -> list[dict]:
+def check_attention(device, dtype, flex_options, b=2, h=8, t=300, d=64) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, gout = (torch.randn(b, h, t, d, generator=g) for _ in range(4))
     table = torch.randn(NB, h, generator=g)
@@ -130,14 +135,21 @@ def check_attention(device, dtype, b=2, h=8, t=300, d=64) -> list[dict]:
     ref_grads = torch.autograd.grad(ref, leaves64, gout.double())
     rows = []
     ctx = RelativePositionBuckets(NB, MAXD)
+    ctx.flex_kernel_options = flex_options
     for name, fn in attention_variants(device, with_grad=True).items():
-        rb = make_bias(table, device)
-        leaves = [x.to(device, dtype, copy=True).requires_grad_() for x in (q, k, v)] + [rb.weight]
-        out = fn(*leaves[:3], rb, ctx)
-        grads = torch.autograd.grad(out, leaves, gout.to(device, dtype))
-        errs = {"out": rel_err(out, ref)}
-        errs.update({f"d{n}": rel_err(gr, r) for n, gr, r in zip(("q", "k", "v", "table"), grads, ref_grads)})
-        rows.append({"check": f"attention {name}", "dtype": str(dtype).split(".")[1], "errors": errs})
+        row = {"check": f"attention {name}", "dtype": str(dtype).split(".")[1]}
+        try:
+            rb = make_bias(table, device)
+            leaves = [x.to(device, dtype, copy=True).requires_grad_() for x in (q, k, v)] + [rb.weight]
+            out = fn(*leaves[:3], rb, ctx)
+            grads = torch.autograd.grad(out, leaves, gout.to(device, dtype))
+            row["errors"] = {"out": rel_err(out, ref)}
+            row["errors"].update({f"d{n}": rel_err(gr, r) for n, gr, r in zip(("q", "k", "v", "table"), grads,
+                                                                                  ref_grads)})
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build is a failed check, not a crash
+            row["errors"] = {"exception": math.inf}
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
     if device.type != "cuda":  # flex forward alone on CPU
         leaves = [x.to(device, dtype, copy=True) for x in (q, k, v)]
         out = attention_variants(device, with_grad=False)["flex"](*leaves, make_bias(table, device), ctx)
@@ -170,10 +182,52 @@ def check_model(device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 0. FlexAttention tile sizes
+# ---------------------------------------------------------------------------------------------
+
+def flex_candidates() -> dict[str, dict]:
+    def opts(fwd, bwd):
+        m, n, s, w = fwd
+        m1, n1, n2, m2, s2, w2 = bwd
+        return {"fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_stages": s, "fwd_num_warps": w,
+                "bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2, "bwd_BLOCK_N2": n2,
+                "bwd_num_stages": s2, "bwd_num_warps": w2}
+    return {
+        "library default": dict(FLEX_KERNEL_OPTIONS_16BIT),
+        "fwd 128x64, bwd torch sm90": opts((128, 64, 3, 4), (64, 128, 128, 64, 3, 8)),
+        "fwd 64x64, bwd 64 2-stage": opts((64, 64, 3, 4), (64, 64, 64, 64, 2, 4)),
+    }
+
+
+def sweep_flex_options(device, heads, dim_head, t, tokens) -> tuple[dict | None, list[dict]]:
+    """Times flex forward + backward (bf16) with each candidate; returns the fastest that builds."""
+    rows = []
+    b = max(1, tokens // t)
+    q, k, v = (torch.randn(b, heads, t, dim_head, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    gout = torch.randn_like(q)
+    rb = make_bias(torch.randn(NB, heads), device)
+    flex = attention_variants(device, with_grad=True)["flex"]
+    for name, options in flex_candidates().items():
+        ctx = RelativePositionBuckets(NB, MAXD)
+        ctx.flex_kernel_options = options
+        row = {"candidate": name, "options": options, "T": t, "B": b}
+        try:
+            row["ms"] = time_ms(lambda: torch.autograd.grad(flex(q, k, v, rb, ctx), (q, k, v, rb.weight), gout),
+                                device, reps=10)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print("flex tiles", json.dumps(row), flush=True)
+    ok = [r for r in rows if "ms" in r]
+    return (min(ok, key=lambda r: r["ms"])["options"] if ok else None), rows
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. attention timing
 # ---------------------------------------------------------------------------------------------
 
-def time_attention(device, dtype, heads, dim_head, seq_lens, tokens) -> list[dict]:
+def time_attention(device, dtype, heads, dim_head, seq_lens, tokens, flex_options) -> list[dict]:
     rows = []
     variants = attention_variants(device, with_grad=device.type == "cuda")
     variants["flash, no bias (floor)"] = lambda q, k, v, rb, ctx: F.scaled_dot_product_attention(
@@ -181,6 +235,7 @@ def time_attention(device, dtype, heads, dim_head, seq_lens, tokens) -> list[dic
     for t in seq_lens:
         b = max(1, tokens // t)
         ctx = RelativePositionBuckets(NB, MAXD)
+        ctx.flex_kernel_options = flex_options
         grad = device.type == "cuda"  # no flex backward on CPU: forward only there
         q, k, v = (torch.randn(b, heads, t, dim_head, device=device, dtype=dtype, requires_grad=grad)
                    for _ in range(3))
@@ -221,13 +276,14 @@ def gemm_tflops(device, dtype, n: int) -> float:
 
 
 def train_steps(device, cfg: ModelConfig, seq_len: int, tokens: int, steps: int, variants: list[str],
-                checkpoint: bool) -> list[dict]:
+                checkpoint: bool, flex_options) -> list[dict]:
     from torch.utils.checkpoint import checkpoint as ckpt
 
     b = max(1, tokens // seq_len)
     with torch.device(device):
         torch.manual_seed(0)
         model = LaMDA(config=cfg, attn_impl="flex")
+    model.buckets.flex_kernel_options = flex_options
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -317,11 +373,20 @@ def main(argv=None) -> int:
     print(f"device {name}, torch {torch.__version__}, bf16 peak {peak} TFLOP/s", flush=True)
     failures = []
 
+    cfg = get_preset(args.preset)
+    flex_options = None
+    if device.type == "cuda":
+        flex_options, result["flex_tiles"] = sweep_flex_options(device, cfg.heads, cfg.dim_head,
+                                                                args.train_seq_len, args.tokens)
+        if flex_options is None:
+            failures.append("no FlexAttention tile candidate compiled")
+    result["flex_options"] = flex_options
+
     checks = []
     tolerances = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
     for dtype in (torch.float32, torch.bfloat16):
         try:
-            checks += check_attention(device, dtype)
+            checks += check_attention(device, dtype, flex_options if dtype != torch.float32 else None)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             failures.append(f"check_attention {dtype}: {e}")
@@ -339,23 +404,27 @@ def main(argv=None) -> int:
         print("check", json.dumps(c), flush=True)
     result["checks"] = checks
 
-    cfg = get_preset(args.preset)
     act = torch.bfloat16 if device.type == "cuda" else torch.float32
-    result["attention"] = time_attention(device, act, cfg.heads, cfg.dim_head, args.seq_lens, args.tokens)
+    result["attention"] = time_attention(device, act, cfg.heads, cfg.dim_head, args.seq_lens, args.tokens,
+                                         flex_options)
 
     result["gemm_bf16_tflops"] = gemm_tflops(device, act, 8192 if device.type == "cuda" else 512)
     print(f"GEMM {result['gemm_bf16_tflops']:.1f} TFLOP/s", flush=True)
     result["train"] = train_steps(device, cfg, args.train_seq_len, args.tokens, args.steps, args.variants,
-                                  args.checkpoint)
+                                  args.checkpoint, flex_options)
     result["train_model"] = {"preset": args.preset, "params": param_count(cfg),
                              "flops_per_token": flops_per_token(cfg, args.train_seq_len)}
 
     # summary tables last: the tail of the output is what a remote run returns
     print(f"\n== {name}, torch {torch.__version__}, peak {peak} TFLOP/s bf16, "
           f"GEMM 8192^3 measured {result['gemm_bf16_tflops']:.0f} TFLOP/s")
+    for r in result.get("flex_tiles", []):
+        print(f"flex tiles {r['candidate']:<28} T={r['T']} B={r['B']}: "
+              + (f"{r['ms']:.2f} ms fwd+bwd" if "ms" in r else r["error"][:120]))
+    print(f"flex tiles chosen: {flex_options}")
     for c in checks:
         errs = " ".join(f"{k}={v:.1e}" for k, v in c["errors"].items())
-        print(f"check {c['check']:<30} {c['dtype']:<8} {'PASS' if c['pass'] else 'FAIL'} {errs}")
+        print(f"check {c['check']:<30} {c['dtype']:<8} {'PASS' if c['pass'] else 'FAIL'} {errs} {c.get('error', '')}")
     print(f"\n{'T':>5} {'B':>3} {'attention fwd+bwd':<24} {'ms':>8} {'peak GiB':>9}")
     for r in result["attention"]:
         print(f"{r['T']:>5} {r['B']:>3} {r['variant']:<24} {r.get('ms', float('nan')):>8.2f} "

@@ -32,6 +32,15 @@ from .config import ModelConfig
 
 ATTN_IMPLS = ("auto", "sdpa", "flex")
 
+# Triton tile sizes for FlexAttention in bf16/fp16. torch's Hopper defaults for head dim 64
+# (forward 128 x 128, 3 stages) need 240 KB of shared memory once our score_mod's bias read is
+# fused in, above the H100/H200's 227 KB, and fail to compile; bench/gpu.py measured these.
+FLEX_KERNEL_OPTIONS_16BIT = {
+    "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
+    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+    "bwd_num_stages": 3, "bwd_num_warps": 4,
+}
+
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = 32,
                              max_distance: int = 128) -> torch.Tensor:
@@ -65,11 +74,14 @@ def _compiled_flex_attention():
 
 
 def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_by_distance: torch.Tensor,
-                          block_mask) -> torch.Tensor:
+                          block_mask, kernel_options: dict | None = None) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d) + bias[h, q - k]) v with FlexAttention.
 
     q, k, v: (B, H, T, D); bias_by_distance: (H, T), entry n is the bias at distance q - k = n.
+    kernel_options: Triton tiles; None takes FLEX_KERNEL_OPTIONS_16BIT for bf16/fp16 on CUDA.
     """
+    if kernel_options is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        kernel_options = FLEX_KERNEL_OPTIONS_16BIT
     def add_bias(score, b, h, q_idx, kv_idx):
         # Masked (future) positions in partly masked tiles are evaluated too: clamp keeps the
         # read in bounds, the block mask then removes them.
@@ -80,7 +92,7 @@ def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
         flex = _compiled_flex_attention()
     else:  # inside a compiled region it is traced as is; on CPU eager (forward only, parity tests)
         flex = flex_attention
-    return flex(q, k, v, score_mod=add_bias, block_mask=block_mask)
+    return flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options)
 
 
 class RelativePositionBuckets:
@@ -99,6 +111,7 @@ class RelativePositionBuckets:
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.impl = impl
+        self.flex_kernel_options: dict | None = None  # None: flex_biased_attention's default
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> one query's row
         self._flex: dict[tuple, tuple] = {}  # (T, device) -> (distance buckets, block mask)
@@ -161,6 +174,42 @@ class RelativePositionBuckets:
         return row[0][:, -k_len:], row[1][:, -k_len:]  # (1, Tk) views
 
 
+class _CausalBias(torch.autograd.Function):
+    """(table (NB, H) fp32, buckets, causal) -> the (H, Tq, Tk) bias table.t()[:, buckets] with
+    -inf where causal is False, and a backward that does not scatter H * Tq * Tk gradients into
+    NB * H slots one by one.
+
+    Autograd's own gather backward (index_put_ with accumulate) sorts or atomically adds all
+    H * Tq * Tk values into NB * H addresses: on CUDA that took ~230 ms per layer at T=2048
+    (H=40, B=8), 100x the attention kernel. For a full sequence (Tq == Tk) the bucket of an
+    allowed (q, k) depends only on the distance n = q - k, so the gradient is summed along each
+    diagonal first (a strided view, one pass), then the T per-distance sums go to their buckets.
+    Masked positions get no gradient: the bias there is the constant -inf."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, buckets: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(buckets, causal)
+        ctx.num_buckets = table.shape[0]
+        return table.t()[:, buckets].masked_fill_(~causal, float("-inf"))  # (H, Tq, Tk)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        buckets, causal = ctx.saved_tensors
+        h, tq, tk = grad.shape
+        out = grad.new_zeros(ctx.num_buckets, h, dtype=torch.float32)
+        if tq != tk:  # decoding shapes: rare under autograd, plain scatter of the allowed part
+            g = grad.float().masked_fill(~causal, 0.0)
+            return out.index_add_(0, buckets.flatten(), g.reshape(h, -1).t()), None, None
+        t = tq
+        # T zero rows padded below, then the view (H, n, k) -> element (q = k + n, k): row n is
+        # the diagonal q - k = n; entries with k + n >= T land in the padding. The part above
+        # the diagonal (future keys) is never read.
+        padded = F.pad(grad, (0, 0, 0, t))  # (H, 2T, T)
+        diagonals = padded.as_strided((h, t, t), (2 * t * t, t, t + 1))  # (H, n, k)
+        per_distance = diagonals.sum(-1, dtype=torch.float32)  # (H, T)
+        return out.index_add_(0, buckets[:, 0], per_distance.t()), None, None  # buckets[n, 0]: distance n
+
+
 class RelativePositionBias(nn.Module):
     """A learned (num_buckets, heads) table turned into an additive attention bias."""
 
@@ -175,8 +224,7 @@ class RelativePositionBias(nn.Module):
         Gathered from the fp32 table and cast after, so that in backward the (H, Tq, Tk)
         gradient is summed into the table in fp32: summed in bf16 its error was ~5% (bench/gpu.py).
         """
-        bias = self.weight.float().t()[:, buckets]  # (H, Tq, Tk): gather, no permute copy
-        bias = bias.masked_fill(~causal, float("-inf"))
+        bias = _CausalBias.apply(self.weight.float(), buckets, causal)  # (H, Tq, Tk)
         return bias.to(dtype).unsqueeze(0)
 
     def by_distance(self, distance_buckets: torch.Tensor) -> torch.Tensor:
@@ -207,7 +255,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if buckets.use_flex(x.device, t == k.shape[2], dropout > 0):
             distance_buckets, block_mask = buckets.get_flex(t, x.device)
-            y = flex_biased_attention(q, k, v, self.rel_bias.by_distance(distance_buckets), block_mask)
+            y = flex_biased_attention(q, k, v, self.rel_bias.by_distance(distance_buckets), block_mask,
+                                      buckets.flex_kernel_options)
         else:
             idx, causal = buckets.get(t, k.shape[2], x.device)
             mask = self.rel_bias(idx, causal, q.dtype)  # (1, H, Tq, Tk) bias + causal mask
