@@ -100,7 +100,7 @@ def attention_variants(device, with_grad: bool):
     RelativePositionBias (the layer's table), ctx a RelativePositionBuckets."""
     def flex(q, k, v, rb, ctx):
         dist, block_mask = ctx.get_flex(q.shape[2], device)
-        return flex_biased_attention(q, k, v, rb.by_distance(dist), block_mask, ctx.flex_kernel_options)
+        return flex_biased_attention(q, k, v, rb.weight, dist, block_mask, ctx.flex_kernel_options, window=MAXD)
 
     def sdpa(q, k, v, rb, ctx):
         idx, causal = ctx.get(q.shape[2], q.shape[2], device)

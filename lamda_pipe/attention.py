@@ -73,26 +73,106 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_by_distance: torch.Tensor,
-                          block_mask, kernel_options: dict | None = None) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(d) + bias[h, q - k]) v with FlexAttention.
+def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          distance_buckets: torch.Tensor, block_mask, kernel_options: dict | None = None,
+                          window: int = 128) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(d) + table[bucket(q - k), h]) v with FlexAttention.
 
-    q, k, v: (B, H, T, D); bias_by_distance: (H, T), entry n is the bias at distance q - k = n.
+    q, k, v: (B, H, T, D); table: (NB, H); distance_buckets: (T,), the bucket of distance n.
+    Distances >= window must all share one bucket (window = max_distance does).
     kernel_options: Triton tiles; None takes FLEX_KERNEL_OPTIONS_16BIT for bf16/fp16 on CUDA.
+
+    The table's gradient does not come from flex's own backward: that one adds every score's
+    gradient atomically into the (H, T) bias it read, 0.3 G atomics per layer at T=2048, which
+    made flex 30x slower than flash attention on an H200. Flex gets the bias as a constant;
+    _BandBiasGrad computes the table's gradient from a band of width `window` (see there).
     """
     if kernel_options is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         kernel_options = FLEX_KERNEL_OPTIONS_16BIT
+    bias = table.detach().float().t()[:, distance_buckets]  # (H, T): bias by distance
+
     def add_bias(score, b, h, q_idx, kv_idx):
         # Masked (future) positions in partly masked tiles are evaluated too: clamp keeps the
         # read in bounds, the block mask then removes them.
-        return score + bias_by_distance[h, (q_idx - kv_idx).clamp(min=0)]
+        return score + bias[h, (q_idx - kv_idx).clamp(min=0)]
 
     from torch.nn.attention.flex_attention import flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         flex = _compiled_flex_attention()
     else:  # inside a compiled region it is traced as is; on CPU eager (forward only, parity tests)
         flex = flex_attention
-    return flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options)
+    out, lse = flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options,
+                    return_lse=True)
+    if table.requires_grad and torch.is_grad_enabled():
+        out = _BandBiasGrad.apply(out, q.detach(), k.detach(), v.detach(), lse.detach(), table,
+                                  distance_buckets, window)
+    return out
+
+
+def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int) -> torch.Tensor:
+    """Sum of the score gradients dS over all (b, q, k) at each distance n = q - k, (H, T) fp32,
+    for causal attention with a distance bias, computed from a band of width `window` only.
+
+    dS = P * (dP - delta) with P = exp(S - lse), dP = dout . v, delta = rowsum(dout * out).
+    Distances n < window are summed exactly over a band (queries in blocks of `window`, each
+    against its own and the previous block of keys: O(T * window) work). Every row of dS sums
+    to zero (softmax), so all distances >= window together sum to minus the band's total; that
+    total is returned at index `window` (the far distances share one bucket).
+    """
+    b, h, t, d = q.shape
+    w = window
+    nb = -(-t // w)
+    pad = nb * w - t
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for 16-bit inputs, float64 stays
+
+    def blocks(x):  # (B, H, T, D) -> (B, H, nb, W, D), zero padded
+        return F.pad(x.to(acc), (0, 0, 0, pad)).view(b, h, nb, w, -1)
+
+    def with_previous(x):  # keys of block i: blocks i-1 and i -> (B, H, nb, 2W, D)
+        return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :nb], x], dim=3)
+
+    qb, dob = blocks(q), blocks(dout)
+    kk, vv = with_previous(blocks(k)), with_previous(blocks(v))
+    a = torch.arange(w, device=q.device)
+    c = torch.arange(2 * w, device=q.device)
+    n = a[:, None] + w - c[None, :]  # (W, 2W): distance q - k of query a against key c
+    blk = torch.arange(nb, device=q.device)
+    q_pos = blk[:, None] * w + a[None, :]  # (nb, W)
+    k_pos = blk[:, None] * w - w + c[None, :]  # (nb, 2W)
+    valid = (n >= 0) & (n < w) & (q_pos[:, :, None] < t) & (k_pos[:, None, :] >= 0)  # (nb, W, 2W)
+    s = qb @ kk.transpose(-1, -2) * d ** -0.5 + bias_by_distance.to(acc)[:, n.clamp(0, t - 1)][:, None]
+    lse_b = F.pad(lse.to(acc), (0, pad)).view(b, h, nb, w)
+    delta = F.pad((dout.to(acc) * out.to(acc)).sum(-1), (0, pad)).view(b, h, nb, w)
+    ds = torch.exp(s - lse_b[..., None]) * (dob @ vv.transpose(-1, -2) - delta[..., None])
+    m = ds.masked_fill_(~valid, 0.0).sum(dim=(0, 2))  # (H, W, 2W)
+    per_distance = m[:, a[None, :], a[None, :] + w - a[:, None]].sum(-1)  # (H, W): [h, n] = sum_a m[h, a, a+W-n]
+    far = -per_distance.sum(-1, keepdim=True)  # (H, 1): distances >= W
+    return torch.cat([per_distance[:, :min(w, t)], far], dim=1) if t > w else per_distance[:, :t]
+
+
+class _BandBiasGrad(torch.autograd.Function):
+    """Identity on the attention output; in backward, the table's gradient from band_bias_grad,
+    while dout flows on unchanged into flex's own backward for q, k and v."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v, lse, table, distance_buckets, window):
+        ctx.save_for_backward(out, q, k, v, lse, table, distance_buckets)
+        ctx.window = window
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, q, k, v, lse, table, distance_buckets = ctx.saved_tensors
+        t, w = q.shape[2], ctx.window
+        with torch.no_grad():
+            bias = table.t()[:, distance_buckets]
+            sums = band_bias_grad(q, k, v, out, dout, lse, bias, w)  # (H, min(T, W) [+ 1])
+            grad = torch.zeros(table.shape, device=table.device, dtype=sums.dtype)
+            idx = distance_buckets[:min(t, w)]
+            if t > w:
+                idx = torch.cat([idx, distance_buckets[w:w + 1]])
+            grad.index_add_(0, idx, sums.t())
+        return dout, None, None, None, None, grad.to(table.dtype), None, None
 
 
 class RelativePositionBuckets:
@@ -227,10 +307,6 @@ class RelativePositionBias(nn.Module):
         bias = _CausalBias.apply(self.weight.float(), buckets, causal)  # (H, Tq, Tk)
         return bias.to(dtype).unsqueeze(0)
 
-    def by_distance(self, distance_buckets: torch.Tensor) -> torch.Tensor:
-        """(H, T) fp32 bias per distance n = q - k for FlexAttention's score_mod."""
-        return self.weight.float().t()[:, distance_buckets]
-
 
 class Attention(nn.Module):
     """Multi-head causal self-attention with a per-layer T5 relative position bias."""
@@ -255,8 +331,8 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if buckets.use_flex(x.device, t == k.shape[2], dropout > 0):
             distance_buckets, block_mask = buckets.get_flex(t, x.device)
-            y = flex_biased_attention(q, k, v, self.rel_bias.by_distance(distance_buckets), block_mask,
-                                      buckets.flex_kernel_options)
+            y = flex_biased_attention(q, k, v, self.rel_bias.weight, distance_buckets, block_mask,
+                                      buckets.flex_kernel_options, window=buckets.max_distance)
         else:
             idx, causal = buckets.get(t, k.shape[2], x.device)
             mask = self.rel_bias(idx, causal, q.dtype)  # (1, H, Tq, Tk) bias + causal mask

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig, param_count, relative_position_bucket
+from lamda_pipe.attention import _BandBiasGrad
 from lamda_pipe.model import Attention, RelativePositionBuckets, top_k_filter
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
 
@@ -156,6 +157,28 @@ def test_flex_attention_matches_naive_forward(cfg, t):
         y_ref = _naive_forward(attn, cfg, x)
     assert list(flex._flex) == [(t, "cpu")] and not flex._cache  # the flex path ran, not sdpa
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,num_buckets,max_distance", [(40, 8, 20), (300, 32, 128), (100, 32, 128), (128, 32, 128)],
+                         ids=["T40-W20", "T300-W128", "T100-W128", "T128-W128"])
+def test_band_bias_gradient_matches_autograd(t, num_buckets, max_distance):
+    """The flex path's table gradient (band of width max_distance + the zero-row-sum rule for
+    farther distances) against autograd through the naive oracle, float64."""
+    g = torch.Generator().manual_seed(t)
+    q, k, v, gout = (torch.randn(2, 3, t, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    table = torch.randn(num_buckets, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    oracle_bias = naive_bias(table, t, t, num_buckets, max_distance)  # (H, T, T) from the formula
+    out = naive_attention(q, k, v, oracle_bias)
+    (expect,) = torch.autograd.grad(out, table, gout)
+
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8) + oracle_bias).masked_fill(future, float("-inf"))
+    lse = scores.logsumexp(-1).detach()
+    distance_buckets = relative_position_bucket(-torch.arange(t), num_buckets, max_distance)
+    tapped = _BandBiasGrad.apply(out.detach(), q, k, v, lse, table, distance_buckets, max_distance)
+    (got,) = torch.autograd.grad(tapped, table, gout)
+    assert expect.abs().max() > 0.1
+    torch.testing.assert_close(got, expect, atol=1e-10, rtol=1e-9)
 
 
 def test_attention_kernel_choice():
