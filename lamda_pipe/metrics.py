@@ -46,14 +46,20 @@ class MetricsLogger:
     `enabled=True` writes; the others call the same methods and do nothing.
 
     Throughput is measured between log calls with the wall clock: `train_batch` returns
-    only after the pipeline's last communication, so no extra device sync is needed.
+    only after the pipeline's last communication, and the loss is read (.item()) only at a
+    logged step, so the metrics add no device sync to the other steps.
     TensorBoard scalars go through the DeepSpeed engine's monitor, into the same event files
     as DeepSpeed's own loss/lr/loss-scale curves, on its x-axis (samples seen).
     """
 
     def __init__(self, run_dir: Path, enabled: bool, tokens_per_step: int, flops_per_token: int,
-                 monitor=None, monitor_writes_loss_scale: bool = False):
+                 monitor=None, monitor_writes_loss_scale: bool = False, devices: int = 1,
+                 peak_tflops: float | None = None):
+        """flops_per_token: the model's training FLOPs per token (config.flops_per_token);
+        peak_tflops: one device's peak, for MFU = achieved FLOP/s / (devices x peak); None: no MFU."""
         self.enabled = enabled
+        self.devices = devices
+        self.peak_tflops = peak_tflops
         # DeepSpeed's monitor records the loss scale itself under fp16; otherwise we do.
         self.tb_loss_scale = not monitor_writes_loss_scale
         self.tokens_per_step = tokens_per_step
@@ -84,15 +90,20 @@ class MetricsLogger:
             return None
         elapsed = now - t0
         tokens_per_s = (step - step0) * self.tokens_per_step / elapsed if elapsed > 0 else math.nan
-        tflops = tokens_per_s * self.flops_per_token / 1e12
+        tflops = tokens_per_s * self.flops_per_token / 1e12  # all devices together
         record = {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale,
-                  "tokens_per_s": tokens_per_s, "tflops": tflops, "time": time.time()}
-        tb = {"tokens_per_s": tokens_per_s, "tflops": tflops}
+                  "tokens_per_s": tokens_per_s, "tflops": tflops, "tflops_per_device": tflops / self.devices,
+                  "time": time.time()}
+        tb = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops / self.devices}
+        mfu = ""
+        if self.peak_tflops:
+            record["mfu"] = tb["mfu"] = tflops / (self.devices * self.peak_tflops)
+            mfu = f" | MFU {record['mfu']:.1%}"
         if self.tb_loss_scale:
             tb["loss_scale"] = loss_scale
         self._write(record, samples, tb)
         print(f"step {step:>6} | loss {loss:.4f} | lr {lr:.3e} | loss scale {loss_scale:g} | "
-              f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s", flush=True)
+              f"{tokens_per_s:,.0f} tokens/s | {tflops / self.devices:.3f} TFLOP/s per device{mfu}", flush=True)
         return record
 
     def log_eval(self, step: int, samples: int, val_loss: float, by_source: dict | None = None) -> None:

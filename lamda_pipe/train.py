@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-iters", type=int, default=2, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="attention kernel: sdpa (materialised bias), flex (FlexAttention, CUDA, no attention "
+                        "dropout) or auto (flex on CUDA from 2048 tokens); see lamda_pipe/attention.py")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device, for the MFU in the logs (default: the bf16 peak of a "
+                        "known GPU: A100, H100, H200; none on CPU)")
     p.add_argument("--sample-prompt", default="And God said", help="prompt for the sample printed at the end")
     p.add_argument("--sample-tokens", type=int, default=48, help="tokens to sample at the end (0: no sample)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -89,7 +95,15 @@ def preflight(args) -> Plan:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.keep_last is not None and args.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.attention == "flex" and cfg.dropout > 0:
+        raise ConfigError(f"--attention flex has no attention dropout and the model's dropout is {cfg.dropout}; "
+                          f"use --attention auto or sdpa")
     cuda = torch.cuda.is_available()
+    if args.attention == "flex" and not cuda:
+        raise ConfigError("--attention flex needs a CUDA GPU (torch has no FlexAttention backward on CPU); "
+                          "use --attention auto or sdpa")
     path = args.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported())
     ds = load_config(path)
     world = launch_env(args.local_rank).world_size
@@ -169,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args, plan: Plan) -> int:
     import deepspeed
+    import torch
     import torch.distributed as dist
 
     from .data import MicroBatchStream, prepare_bundled
     from .distributed import init_distributed
-    from .metrics import MetricsLogger
+    from .metrics import MetricsLogger, peak_tflops_for
     from .checkpoint import begin_save, commit_save, tag_for, to_universal
     from .pipeline import build_pipeline, load_plain_state, read_plain_state
 
@@ -192,7 +207,7 @@ def train(args, plan: Plan) -> int:
         dist.barrier()
         sources = open_sources(str(data_dir), model_vocab=cfg.vocab_size, seq_len=args.seq_len)
 
-    net = build_pipeline(cfg, args.pipe_stages, args.seed,
+    net = build_pipeline(cfg, args.pipe_stages, args.seed, attn_impl=args.attention,
                          activation_checkpoint_interval=ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     if args.init_from is not None:  # new run from trained weights: fresh optimizer, step 0
         init_dir = args.init_from
@@ -248,9 +263,13 @@ def train(args, plan: Plan) -> int:
     val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
                    if len(s.tokens("val")) > args.seq_len}
 
+    peak = args.peak_tflops
+    if peak is None and torch.cuda.is_available():
+        peak = peak_tflops_for(torch.cuda.get_device_name())
     logger = MetricsLogger(args.run_dir, enabled=rank == 0, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token(cfg, args.seq_len), monitor=engine.monitor,
-                           monitor_writes_loss_scale=engine.fp16_enabled())
+                           monitor_writes_loss_scale=engine.fp16_enabled(), devices=dist.get_world_size(),
+                           peak_tflops=peak)
     if rank == 0:
         mix = ", ".join(f"{s.directory} ({s.weight:.3g}: {len(s.tokens('train')):,} train / "
                         f"{len(s.tokens('val')):,} val tokens)" for s in sources)

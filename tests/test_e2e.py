@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.dist_utils import free_port
 
@@ -46,7 +47,7 @@ def tensorboard_tags(run_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    proc = launch(run_dir, "--steps", "6", "--save-every", "3")
+    proc = launch(run_dir, "--steps", "6", "--save-every", "3", "--peak-tflops", "0.25")
     return run_dir, proc
 
 
@@ -57,13 +58,16 @@ def test_launcher_run_writes_metrics_tensorboard_and_checkpoints(trained):
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs: no duplicates
     for r in train:
-        assert {"step", "loss", "lr", "loss_scale", "tokens_per_s", "tflops"} <= r.keys()
+        assert {"step", "loss", "lr", "loss_scale", "tokens_per_s", "tflops", "mfu"} <= r.keys()
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["loss_scale"] == 1.0
+        # 2 processes, each against the given 0.25 TFLOP/s peak
+        assert r["tflops_per_device"] == pytest.approx(r["tflops"] / 2)
+        assert r["mfu"] == pytest.approx(r["tflops"] / (2 * 0.25))
     assert train[-1]["loss"] < train[0]["loss"]
     assert [r["step"] for r in evals] == [3, 6]
 
     tags = tensorboard_tags(run_dir)
-    for name in ("train_loss", "lr", "loss_scale", "tokens_per_s", "tflops", "val_loss"):
+    for name in ("train_loss", "lr", "loss_scale", "tokens_per_s", "tflops_per_device", "mfu", "val_loss"):
         assert f"Train/Samples/{name}" in tags, sorted(tags)
 
     ckpt = run_dir / "checkpoints"
@@ -147,6 +151,15 @@ def test_zero2_with_two_stages_refused_before_any_work(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "use ZeRO-1 with pipeline parallelism" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing was created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex is refused only without CUDA")
+def test_flex_attention_without_cuda_and_bad_peak_refused(tmp_path):
+    proc = run_preflight(tmp_path, "--attention", "flex")
+    assert proc.returncode == 2 and "--attention flex needs a CUDA GPU" in proc.stderr
+    proc = run_preflight(tmp_path, "--peak-tflops", "0")
+    assert proc.returncode == 2 and "--peak-tflops must be > 0" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_checkpoints_not_overwritten_without_load(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig, param_count, relative_position_bucket
-from lamda_pipe.attention import _BandBiasGrad
+from lamda_pipe.attention import FLEX_MIN_SEQ_LEN, _BandBiasGrad
 from lamda_pipe.model import Attention, RelativePositionBuckets, top_k_filter
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
 
@@ -184,15 +184,16 @@ def test_band_bias_gradient_matches_autograd(t, num_buckets, max_distance):
 def test_attention_kernel_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = RelativePositionBuckets(32, 128)
-    assert not auto.use_flex(cpu, True, False)  # CPU: sdpa
-    assert auto.use_flex(cuda, True, False)  # CUDA training / prefill: flex
-    assert not auto.use_flex(cuda, True, True)  # attention dropout: sdpa
-    assert not auto.use_flex(cuda, False, False)  # KV-cache decoding: sdpa
-    assert not RelativePositionBuckets(32, 128, "sdpa").use_flex(cuda, True, False)
+    assert not auto.use_flex(cpu, 4096, True, False)  # CPU: sdpa
+    assert auto.use_flex(cuda, FLEX_MIN_SEQ_LEN, True, False)  # CUDA training / prefill: flex ...
+    assert not auto.use_flex(cuda, FLEX_MIN_SEQ_LEN - 1, True, False)  # ... from the measured length on
+    assert not auto.use_flex(cuda, 4096, True, True)  # attention dropout: sdpa
+    assert not auto.use_flex(cuda, 4096, False, False)  # KV-cache decoding: sdpa
+    assert not RelativePositionBuckets(32, 128, "sdpa").use_flex(cuda, 4096, True, False)
     forced = RelativePositionBuckets(32, 128, "flex")
-    assert forced.use_flex(cpu, True, False) and not forced.use_flex(cpu, False, False)
+    assert forced.use_flex(cpu, 16, True, False) and not forced.use_flex(cpu, 16, False, False)
     with pytest.raises(ValueError, match="no attention dropout"):
-        forced.use_flex(cpu, True, True)
+        forced.use_flex(cpu, 16, True, True)
     with pytest.raises(ValueError, match="choose one of: auto, sdpa, flex"):
         RelativePositionBuckets(32, 128, "flash")
 
