@@ -351,6 +351,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, buckets: RelativePositionBuckets,
                 kv_cache: dict | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not buckets.use_flex(x.device, x.shape[1], kv_cache is None,
+                                                                   self.training and self.dropout > 0):
+            # Inside torch.compile the sdpa paths run eagerly: with their custom autograd
+            # functions traced, inductor crashed (CPU, torch 2.13: munmap_chunk, corrupted view
+            # metadata). The rest of the block stays compiled; flex is traced as is.
+            return self._forward_eager(x, buckets, kv_cache)
+        return self._forward(x, buckets, kv_cache)
+
+    @torch.compiler.disable
+    def _forward_eager(self, x, buckets, kv_cache):
+        return self._forward(x, buckets, kv_cache)
+
+    def _forward(self, x: torch.Tensor, buckets: RelativePositionBuckets, kv_cache: dict | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if kv_cache is not None:  # decoding: append this step's keys and values
