@@ -12,6 +12,26 @@ Relative position buckets are not sent: each stage builds them once per sequence
 Layer indices (they name the checkpoint files ``layer_XX-model_states.pt``):
 0 = embedding (tied), 1..depth = blocks, depth+1 = final norm, depth+2 = head (tied to 0,
 no file of its own).
+
+Partitioning: stages balanced by compute
+----------------------------------------
+Training splits the layers by their training FLOPs per token (``partition_method="flops"``,
+the default), not by block count: the embedding is a gather (~0), each block costs
+6 * block_param_count + 12 * heads * dim_head * seq_len (as in ``config.flops_per_token``),
+the final norm ~0, and the tied head h . E^T costs 6 * vocab * dim (the loss after it is small
+and not counted). The head thus weighs 1.6 blocks in ``debug`` and 1.6-2.3 in ``readme``;
+giving each stage the same number of blocks left the last stage the slowest (DeepSpeed's
+``type:BlockPipe``: 84% of 1F1B's ideal at m = 8 for ``readme``, 95-97% with the blocks split
+7 / 5; docs/benchmarks.md). The embedding is folded into the first block's weight and the norm
+and head into the last block's, then DeepSpeed's own ``partition_balanced`` splits the blocks,
+so every stage holds at least one block, the tied embedding stays on the first stage and the
+tied head on the last. (``partition_balanced`` minimises the gap between the heaviest and the
+lightest stage; for the presets at 2 and 4 stages that is also the split whose slowest stage
+is fastest, which tests/test_pipeline.py checks by brute force.) With 2 stages: ``debug``
+3 blocks | 1 block + head, ``readme`` 7 | 5 + head. Because the bounds depend on seq_len, a checkpoint records them
+(``stage_bounds`` in lamda_run.json) and a resume with other bounds goes through the universal
+checkpoint, as a change of stage count does (ZeRO's optimizer state is stored per stage).
+Other ``partition_method`` values ("type:BlockPipe", "uniform", "parameters") are DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -24,7 +44,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from einops import rearrange
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, block_param_count
 from .attention import RelativePositionBuckets
 from .model import Block, LaMDA, TokenEmbedding, init_block_weights
 
@@ -74,15 +94,107 @@ def layer_specs(cfg: ModelConfig, attn_impl: str = "auto") -> list:
     ]
 
 
+FLOPS_PARTITION = "flops"
+LEGACY_PARTITION = "type:BlockPipe"  # what checkpoints without recorded bounds were trained with
+
+
+def layer_flops(cfg: ModelConfig, seq_len: int) -> list[int]:
+    """Training FLOPs per token (forward + backward) of each pipeline layer, in layer order:
+    embedding (a gather: 0), blocks, final norm (0), tied head. See config.flops_per_token."""
+    block = 6 * block_param_count(cfg) + 12 * cfg.heads * cfg.dim_head * seq_len
+    return [0, *[block] * cfg.depth, 0, 6 * cfg.vocab_size * cfg.dim]
+
+
+def stage_bounds(cfg: ModelConfig, num_stages: int, seq_len: int | None = None,
+                 method: str = FLOPS_PARTITION) -> list[int]:
+    """The first layer index of each stage, then the layer count (DeepSpeed's ``parts``).
+
+    "flops": balanced by ``layer_flops`` with every stage holding >= 1 block (see the module
+    docstring); "type:BlockPipe" and "uniform" reproduce DeepSpeed's methods of those names
+    (the former is what checkpoints without recorded bounds used). Plain ints throughout.
+    """
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    num_layers = cfg.depth + 3
+    if not 1 <= num_stages <= cfg.depth:
+        raise ValueError(f"{num_stages} pipeline stages for {cfg.depth} blocks: every stage needs a block")
+    if method == FLOPS_PARTITION:
+        weights = layer_flops(cfg, cfg.max_seq_len if seq_len is None else seq_len)
+        blocks = weights[1:cfg.depth + 1]
+        blocks[0] += weights[0]  # the embedding goes with the first block,
+        blocks[-1] += weights[-2] + weights[-1]  # the final norm and the head with the last
+        parts = partition_balanced(weights=blocks, num_parts=num_stages)  # over the blocks
+        return [0, *[int(p) + 1 for p in parts[1:-1]], num_layers]  # block b is layer b + 1
+    if method.lower() == LEGACY_PARTITION.lower():  # as PipelineModule._partition_layers does it
+        binary = [0, *[1] * cfg.depth, 0, 0]
+        return [int(p) for p in partition_balanced(weights=binary, num_parts=num_stages)]
+    if method == "uniform":
+        return [int(p) for p in partition_uniform(num_items=num_layers, num_parts=num_stages)]
+    raise ValueError(f"unknown partition method {method!r}; use {FLOPS_PARTITION!r}, {LEGACY_PARTITION!r} "
+                     f"or 'uniform'")
+
+
+def describe_stages(cfg: ModelConfig, bounds: list[int], seq_len: int) -> str:
+    """One line per stage: its layers and its share of the training FLOPs per token."""
+    flops = layer_flops(cfg, seq_len)
+    names = ["embedding", *[f"block {i}" for i in range(1, cfg.depth + 1)], "final norm", "head + loss"]
+    total = sum(flops)
+    lines = []
+    for stage, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        share = sum(flops[start:stop]) / total
+        blocks = [i for i in range(start, stop) if 1 <= i <= cfg.depth]
+        parts = [names[0]] if start == 0 else []
+        parts.append(f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")
+        parts += [names[i] for i in range(max(start, cfg.depth + 1), stop)]
+        lines.append(f"  stage {stage}: layers [{start}, {stop}) = {', '.join(parts)}: "
+                     f"{share:.1%} of the FLOPs")
+    return "\n".join(lines)
+
+
+class LaMDAPipeline(PipelineModule):
+    """A PipelineModule that takes its stage bounds as given instead of computing them.
+
+    PipelineModule.__init__ calls ``_partition_layers`` once, before building any layer; what it
+    must leave behind (deepspeed 0.19.8) is ``self.parts`` (read by ``stage_owner`` for the tied
+    modules, and by ``partitions()``) and this stage's slice through ``_set_bounds``. With
+    ``stage_bounds=None`` DeepSpeed partitions by ``partition_method`` as usual.
+    """
+
+    def __init__(self, *args, stage_bounds: list[int] | None = None, **kwargs):
+        # Set before PipelineModule.__init__, which partitions as it constructs.
+        self._given_bounds = None if stage_bounds is None else [int(b) for b in stage_bounds]
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        bounds = self._given_bounds
+        if bounds is None:
+            return super()._partition_layers(method=method)
+        if (len(bounds) != self.num_stages + 1 or bounds[0] != 0 or bounds[-1] != self._num_layers
+                or any(b >= c for b, c in zip(bounds, bounds[1:]))):
+            raise ValueError(f"stage bounds {bounds} do not split {self._num_layers} layers into "
+                             f"{self.num_stages} non-empty stages")
+        self.parts = bounds
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
 def build_pipeline(cfg: ModelConfig, num_stages: int, seed: int, activation_checkpoint_interval: int = 0,
-                   partition_method: str = "type:BlockPipe", attn_impl: str = "auto") -> PipelineModule:
+                   partition_method: str = FLOPS_PARTITION, attn_impl: str = "auto",
+                   seq_len: int | None = None) -> PipelineModule:
     """Assembles the pipeline. Each layer is built and run under a seed derived from its
-    global index, so initialisation and dropout do not depend on the number of stages."""
-    module = PipelineModule(
+    global index, so initialisation and dropout do not depend on the number of stages or on
+    where the stages are cut.
+
+    ``partition_method="flops"`` balances the stages' training FLOPs at ``seq_len`` (default:
+    the model's max_seq_len; training passes --seq-len); the bounds are ``net.parts``.
+    """
+    bounds = stage_bounds(cfg, num_stages, seq_len) if partition_method == FLOPS_PARTITION else None
+    module = LaMDAPipeline(
         layers=layer_specs(cfg, attn_impl),
         num_stages=num_stages,
         loss_fn=lm_loss,
-        partition_method=partition_method,
+        partition_method=LEGACY_PARTITION if bounds is not None else partition_method,  # unused with bounds
+        stage_bounds=bounds,
         seed_layers=True,
         base_seed=seed,
         seed_fn=int_seed_fn,

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "preset on the bundled corpus with 2 pipeline stages.")
     p.add_argument("--model", default="debug", choices=sorted(PRESETS), help="model preset")
     p.add_argument("--pipe-stages", type=int, default=2, help="pipeline stages (divides the world size)")
+    p.add_argument("--partition", default="flops", choices=["flops", "type:BlockPipe", "uniform"],
+                   help="how layers are split into stages: flops (balance training FLOPs per token at --seq-len), "
+                        "type:BlockPipe (as many blocks per stage; the split before flops) or uniform (DeepSpeed's)")
     p.add_argument("--steps", type=int, default=200, help="train until this many optimizer steps in total")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the preset's max)")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
@@ -78,7 +81,9 @@ class Plan:
     sources: list | None  # None: the bundled demo corpus, prepared after start-up
     resume_dir: Path | None = None  # checkpoint folder to resume from
     resume_info: dict | None = None
-    change_layout: bool = False  # resume through a universal checkpoint (other stage/DP count)
+    stage_bounds: list[int] | None = None  # first layer of each stage, then the layer count
+    change_layout: bool = False  # resume through a universal checkpoint (other stage/DP count or bounds)
+    resume_bounds: list[int] | None = None  # the stage bounds the checkpoint was written with
 
 
 def preflight(args) -> Plan:
@@ -112,7 +117,9 @@ def preflight(args) -> Plan:
     sources = None
     if args.data is not None:
         sources = open_sources(args.data, model_vocab=cfg.vocab_size, seq_len=args.seq_len)
-    plan = Plan(cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, sources)
+    from .pipeline import stage_bounds
+    plan = Plan(cfg, fill_run_values(ds, steps=args.steps, run_dir=args.run_dir), batch, sources,
+                stage_bounds=stage_bounds(cfg, args.pipe_stages, args.seq_len, method=args.partition))
 
     ckpt_dir = args.run_dir / CHECKPOINT_SUBDIR
     if args.load is not None and args.resume:
@@ -129,8 +136,12 @@ def preflight(args) -> Plan:
         plan.resume_info = validate(plan.resume_dir)
         if plan.resume_info is not None:
             check_compatible(plan.resume_info, plan.resume_dir, cfg, args.model, sources)
-            plan.change_layout = (plan.resume_info["pipe_stages"], plan.resume_info["data_parallel"]) != (
-                args.pipe_stages, batch.data_parallel)
+            plan.resume_bounds = recorded_bounds(plan.resume_info)
+            # ZeRO-1 keeps each stage's optimizer state as one flat buffer over that stage's layers:
+            # another split of the layers (stage count, or bounds moved by --seq-len or the
+            # partitioner) cannot load it directly, only through the universal checkpoint.
+            plan.change_layout = (plan.resume_info["pipe_stages"], plan.resume_info["data_parallel"],
+                                  plan.resume_bounds) != (args.pipe_stages, batch.data_parallel, plan.stage_bounds)
     elif (ckpt_dir / "latest").is_file():
         raise ConfigError(f"--run-dir {args.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
@@ -138,6 +149,16 @@ def preflight(args) -> Plan:
         check_init_source(args.init_from, cfg)
     args.deepspeed_config = None  # the loaded dict is passed to deepspeed.initialize instead
     return plan
+
+
+def recorded_bounds(info: dict) -> list[int]:
+    """The stage bounds a checkpoint was written with. Checkpoints from before they were
+    recorded were all partitioned by DeepSpeed's "type:BlockPipe" (same blocks per stage)."""
+    from .pipeline import LEGACY_PARTITION, stage_bounds
+
+    if info.get("stage_bounds") is not None:
+        return [int(b) for b in info["stage_bounds"]]
+    return stage_bounds(ModelConfig.from_dict(info["model_config"]), info["pipe_stages"], method=LEGACY_PARTITION)
 
 
 def check_compatible(info: dict, tag_dir: Path, cfg: ModelConfig, preset: str, sources) -> None:
@@ -190,7 +211,7 @@ def train(args, plan: Plan) -> int:
     from .distributed import init_distributed
     from .metrics import MetricsLogger, peak_tflops_for
     from .checkpoint import begin_save, commit_save, tag_for, to_universal
-    from .pipeline import build_pipeline, load_plain_state, read_plain_state
+    from .pipeline import build_pipeline, describe_stages, load_plain_state, read_plain_state
 
     cfg, ds, batch, sources = plan.cfg, plan.ds, plan.batch, plan.sources
 
@@ -207,8 +228,16 @@ def train(args, plan: Plan) -> int:
         dist.barrier()
         sources = open_sources(str(data_dir), model_vocab=cfg.vocab_size, seq_len=args.seq_len)
 
-    net = build_pipeline(cfg, args.pipe_stages, args.seed, attn_impl=args.attention,
+    net = build_pipeline(cfg, args.pipe_stages, args.seed, attn_impl=args.attention, seq_len=args.seq_len,
+                         partition_method=args.partition,
                          activation_checkpoint_interval=ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    if list(net.parts) != plan.stage_bounds:  # preflight decided resume conversion on these bounds
+        raise SystemExit(f"ds_train.py: error: the pipeline was split {list(net.parts)}, "
+                         f"preflight expected {plan.stage_bounds}")
+    if rank == 0:
+        print(f"pipeline stages by --partition {args.partition} (stage bounds {plan.stage_bounds}; training "
+              f"FLOPs per token at seq {args.seq_len}):\n{describe_stages(cfg, plan.stage_bounds, args.seq_len)}",
+              flush=True)
     if args.init_from is not None:  # new run from trained weights: fresh optimizer, step 0
         init_dir = args.init_from
         if not (init_dir / "model.safetensors").is_file():
@@ -229,8 +258,8 @@ def train(args, plan: Plan) -> int:
             if rank == 0:
                 info = plan.resume_info
                 print(f"converting {load_dir} ({info['pipe_stages']} stages x {info['data_parallel']} data "
-                      f"parallel) to a universal checkpoint for {args.pipe_stages} x {batch.data_parallel}",
-                      flush=True)
+                      f"parallel, stage bounds {plan.resume_bounds}) to a universal checkpoint for "
+                      f"{args.pipe_stages} x {batch.data_parallel}, stage bounds {plan.stage_bounds}", flush=True)
                 to_universal(load_dir)
             dist.barrier()
             load_dir = load_dir.parent / f"{load_dir.name}_universal"
@@ -293,7 +322,8 @@ def train(args, plan: Plan) -> int:
     def save() -> None:
         tag = tag_for(engine.global_steps)
         info = {"model_preset": args.model, "model_config": cfg.to_dict(), "pipe_stages": args.pipe_stages,
-                "data_parallel": dp_size, "bf16": engine.bfloat16_enabled(), "seq_len": args.seq_len,
+                "stage_bounds": plan.stage_bounds, "partition": args.partition, "data_parallel": dp_size,
+                "bf16": engine.bfloat16_enabled(), "seq_len": args.seq_len,
                 "global_steps": engine.global_steps, "samples_consumed": samples_consumed(),
                 "micro_offset": engine.module.micro_offset, "data": args.data or str(args.run_dir / "data"),
                 "tokenizer_sha256": sources[0].meta["tokenizer_sha256"], "ds_config": ds}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lamda_pipe.config import ModelConfig
+from lamda_pipe.config import PRESETS, ModelConfig
 from lamda_pipe.data import MicroBatchStream
 from tests.dist_utils import run_ranks
 
@@ -142,7 +142,7 @@ def losses_with(rank, stages, ds_overrides, model_cfg, steps=STEPS, patch_fp16=F
     for _ in range(steps):
         losses.append(engine.train_batch(it).item())
         scales.append(engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None)
-    return {"losses": losses, "scales": scales, "skipped": engine.skipped_steps}
+    return {"losses": losses, "scales": scales, "skipped": engine.skipped_steps, "parts": list(net.parts)}
 
 
 def test_activation_checkpointing_gives_the_same_losses():
@@ -185,3 +185,98 @@ def test_fp16_dynamic_loss_scale_backs_off_on_overflow():
     assert result["skipped"] > 0
     assert scales[0] < 2 ** 32 and all(b <= a for a, b in zip(scales, scales[1:]))
     assert all(np.isfinite(result["losses"]))
+
+
+# --- partitioning by training FLOPs -------------------------------------------------------------
+
+def hand_block_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """One block's training FLOPs per token, from the shapes: 6 x parameters + attention."""
+    inner = cfg.heads * cfg.dim_head
+    params = (4 * cfg.dim * inner  # q, k, v and output projections
+              + cfg.num_buckets * cfg.heads  # T5 bias table
+              + 3 * cfg.dim * cfg.ff_mult * cfg.dim  # GEGLU value, gate, down
+              + 2 * cfg.dim)  # two RMSNorm scales
+    return 6 * params + 12 * cfg.heads * cfg.dim_head * seq_len
+
+
+def hand_two_stage_bounds(cfg: ModelConfig, seq_len: int) -> list[int]:
+    """Stage 0 = embedding (free) + k blocks, stage 1 = the rest + norm (free) + head (6 V D):
+    the k whose slower stage is fastest."""
+    block, head = hand_block_flops(cfg, seq_len), 6 * cfg.vocab_size * cfg.dim
+    k = min(range(1, cfg.depth), key=lambda k: max(k * block, (cfg.depth - k) * block + head))
+    return [0, k + 1, cfg.depth + 3]
+
+
+@pytest.mark.parametrize("seq_len", [256, 2048])
+def test_flops_partition_of_readme_at_two_stages(seq_len):
+    """readme: a block is 6 x 4,195,584 + 12 x 8 x 64 x T FLOPs (26.8M at T=256, 37.8M at 2048),
+    the head 6 x 20000 x 512 = 61.4M, i.e. 2.3 or 1.6 blocks: 7 blocks | 5 blocks + head."""
+    from lamda_pipe.pipeline import stage_bounds
+
+    cfg = PRESETS["readme"]
+    assert hand_block_flops(cfg, 2048) == 6 * 4_195_584 + 12 * 8 * 64 * 2048
+    assert hand_two_stage_bounds(cfg, seq_len) == [0, 8, 15]
+    assert stage_bounds(cfg, 2, seq_len) == [0, 8, 15]
+    assert stage_bounds(cfg, 2) == [0, 8, 15]  # seq_len defaults to the preset's 2048
+
+
+def test_flops_partition_of_debug_at_two_stages():
+    """debug at seq 128: a block is 6 x 65,792 + 12 x 4 x 16 x 128 = 493,056 FLOPs, the head
+    6 x 2048 x 64 = 786,432 (1.6 blocks): 3 blocks | 1 block + head (1.48M vs 1.28M; 2 | 2
+    would be 0.99M vs 1.77M). The old type:BlockPipe split was 2 | 2."""
+    from lamda_pipe.pipeline import stage_bounds
+
+    cfg = PRESETS["debug"]
+    assert hand_block_flops(cfg, 128) == 493_056
+    assert hand_two_stage_bounds(cfg, 128) == [0, 4, 7]
+    assert stage_bounds(cfg, 2, 128) == [0, 4, 7]
+    assert stage_bounds(cfg, 2, 128, method="type:BlockPipe") == [0, 3, 7]
+    assert stage_bounds(cfg, 1, 128) == [0, 7]
+
+
+@pytest.mark.parametrize("preset", ["debug", "readme", "lamda-2b", "lamda-8b"])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_every_stage_gets_a_block_and_the_slowest_stage_is_as_fast_as_it_can_be(preset, stages):
+    import itertools
+
+    from lamda_pipe.pipeline import layer_flops, stage_bounds
+
+    cfg = PRESETS[preset]
+    seq_len = cfg.max_seq_len
+    bounds = stage_bounds(cfg, stages, seq_len)
+    assert all(type(b) is int for b in bounds)
+    assert len(bounds) == stages + 1 and bounds[0] == 0 and bounds[-1] == cfg.depth + 3
+    for start, stop in zip(bounds, bounds[1:]):
+        assert any(1 <= i <= cfg.depth for i in range(start, stop)), bounds  # >= 1 block
+    # the slowest stage, against every split of the blocks (hand FLOP formula, brute force)
+    block, head = hand_block_flops(cfg, seq_len), 6 * cfg.vocab_size * cfg.dim
+    assert layer_flops(cfg, seq_len) == [0, *[block] * cfg.depth, 0, head]
+
+    def slowest(cuts):  # cuts: blocks before each inner bound
+        sizes = [b - a for a, b in zip((0, *cuts), (*cuts, cfg.depth))]
+        return max(n * block + (head if i == stages - 1 else 0) for i, n in enumerate(sizes))
+
+    best = min(slowest(c) for c in itertools.combinations(range(1, cfg.depth), stages - 1))
+    assert slowest([b - 1 for b in bounds[1:-1]]) == best
+
+
+def test_seq_len_can_move_a_bound():
+    """Attention grows with T, the head does not: readme at 4 stages splits 4 | 4 | 3 | 1 + head
+    at seq 256 but 4 | 3 | 3 | 2 + head at 2048. Such a change is a change of layout on resume."""
+    from lamda_pipe.pipeline import stage_bounds
+
+    cfg = PRESETS["readme"]
+    assert stage_bounds(cfg, 4, 256) == [0, 5, 9, 12, 15]
+    assert stage_bounds(cfg, 4, 2048) == [0, 5, 8, 11, 15]
+
+
+def test_uneven_split_still_matches_one_stage_bit_for_bit():
+    """With a large vocabulary the head outweighs blocks: the split is 3 | 1 + head, and the
+    losses still equal one stage's (seeds follow the global layer index, dropout is 0.1)."""
+    cfg = CFG.replace(vocab_size=2048)
+    two = run_ranks(losses_with, 2, 2, {}, cfg, 3)
+    one = run_ranks(losses_with, 1, 1, {}, cfg, 3)[0]
+    assert two[0]["parts"] == [0, 4, 7]
+    assert len(set(one["losses"])) == 3
+    for r in two:
+        assert r["losses"] == one["losses"]

@@ -1,6 +1,8 @@
 """Resuming with another pipeline layout through DeepSpeed's universal checkpoint: 2 stages -> 1,
-2 stages -> 2 stages x 2 data parallel, and 1 stage -> 2, each continuing the optimizer, step
-count, LR schedule and data position of the run it resumes (fp32: losses within 1e-6)."""
+2 stages -> 2 stages x 2 data parallel, 1 stage -> 2, and 2 stages split otherwise (the blocks
+2 | 2 of a checkpoint from before the FLOP-balanced split -> 3 | 1), each continuing the
+optimizer, step count, LR schedule and data position of the run it resumes (fp32: losses
+within 1e-6)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,13 @@ def losses(run_dir):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
     run(root / "reference", 2, 2, STEPS)
-    run(root / "two_stages", 2, 2, BASE_STEPS)
+    # split as every run was before the FLOP-balanced partition: debug's 4 blocks 2 | 2
+    run(root / "two_stages", 2, 2, BASE_STEPS, "--partition", "type:BlockPipe")
+    info_path = root / "two_stages" / "checkpoints" / f"global_step{BASE_STEPS}" / "lamda_run.json"
+    info = json.loads(info_path.read_text())
+    assert info["stage_bounds"] == [0, 3, 7]  # what DeepSpeed's own type:BlockPipe chose
+    del info["stage_bounds"], info["partition"]  # as written before the bounds were recorded
+    info_path.write_text(json.dumps(info))
     run(root / "one_stage", 1, 1, BASE_STEPS)
     return root
 
@@ -47,6 +55,7 @@ def resume_copy(runs, base, name, procs, stages, config=None):
     shutil.copytree(runs / base, target)
     proc = run(target, procs, stages, STEPS, "--resume", "auto", config=config)
     assert "universal checkpoint" in proc.stdout
+    (target / "out.txt").write_text(proc.stdout)
     return target
 
 
@@ -81,3 +90,36 @@ def test_two_stages_to_two_by_two_data_parallel(runs, tmp_path):
 def test_one_stage_to_two(runs):
     info = check_continues(runs, resume_copy(runs, "one_stage", "to_two", procs=2, stages=2))
     assert info["pipe_stages"] == 2
+
+
+def test_other_stage_bounds_converted(runs):
+    """Same stage and data-parallel count, other bounds: ZeRO-1's per-stage optimizer state
+    cannot be loaded directly (DeepSpeed stops with a parameter-alignment error), so the resume
+    goes through the universal checkpoint. The checkpoint records no bounds (older format), so
+    they are taken to be type:BlockPipe's [0, 3, 7]; this run's are [0, 4, 7]."""
+    resumed = resume_copy(runs, "two_stages", "to_flops", procs=2, stages=2)
+    out = (resumed / "out.txt").read_text()
+    assert "stage bounds [0, 3, 7]) to a universal checkpoint for 2 x 1, stage bounds [0, 4, 7]" in out
+    info = check_continues(runs, resumed)
+    assert (info["pipe_stages"], info["stage_bounds"], info["partition"]) == (2, [0, 4, 7], "flops")
+
+
+def plan_for(run_dir, *flags, monkeypatch):
+    """What ds_train.py decides before starting any process, for a 2-process launch."""
+    from lamda_pipe.train import build_parser, preflight
+
+    for var in ("RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    return preflight(build_parser().parse_args(["--run-dir", str(run_dir), "--resume", "auto", *flags]))
+
+
+def test_resume_converts_exactly_when_the_bounds_differ(runs, monkeypatch):
+    reference = plan_for(runs / "reference", monkeypatch=monkeypatch)  # recorded [0, 4, 7]
+    assert (reference.resume_bounds, reference.change_layout) == ([0, 4, 7], False)
+    other = plan_for(runs / "reference", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
+    assert (other.stage_bounds, other.change_layout) == ([0, 3, 7], True)
+    old = plan_for(runs / "two_stages", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
+    assert (old.resume_bounds, old.change_layout) == ([0, 3, 7], False)  # no record: type:BlockPipe's
+    assert plan_for(runs / "two_stages", monkeypatch=monkeypatch).change_layout
