@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (default 1)")
-    p.add_argument("--partition", default="type:BlockPipe",
-                   help="PipelineModule partition_method (default type:BlockPipe, as in training)")
+    p.add_argument("--partition", default="flops",
+                   help="partition: flops (training's default: stages balanced by FLOPs), type:BlockPipe, uniform")
     p.add_argument("--part", choices=["all", "efficiency", "memory"], default="all")
     p.add_argument("--memory-micro-batches", type=int, default=4, help="m for the memory part (default 4)")
     p.add_argument("--ckpt-interval", type=int, default=1,
@@ -227,7 +227,7 @@ def worker(args) -> None:
     check_run(ds, cfg, pipe_stages=spec["p"], world_size=world, seq_len=spec["seq_len"], cuda_available=False)
     ds = fill_run_values(ds, steps=1000, run_dir=Path(tempfile.gettempdir()))
     net = build_pipeline(cfg, spec["p"], spec["seed"], activation_checkpoint_interval=spec["ckpt"],
-                         partition_method=spec["partition"])
+                         partition_method=spec["partition"], seq_len=spec["seq_len"])
     engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters()
                                                                         if p.requires_grad], config=ds)
     stage = engine.stage_id
