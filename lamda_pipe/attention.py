@@ -115,8 +115,30 @@ def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def causal_bias_matrix(by_distance: torch.Tensor, window: int) -> torch.Tensor:
+    """(H, T) bias per distance n = q - k -> (H, T, T) bias[h, q, k] = by_distance[h, q - k] on and
+    below the diagonal; above it the values are arbitrary (the kernel masks them: is_causal).
+
+    Distances >= window share one value (one bucket), so the matrix is that value everywhere
+    (a fill) except a band of `window` diagonals, written through a strided view: 4x less
+    memory traffic than gathering T^2 bucket indices (85 ms per layer at T=2048, 8 heads).
+    """
+    h, t = by_distance.shape
+    w = min(window, t)
+    out = by_distance[:, t - 1:].reshape(h, 1, 1).expand(h, t, t).contiguous() if t > window else \
+        by_distance.new_zeros(h, t, t)  # finite above the diagonal, never garbage
+    # diagonals n = 0 .. w-1 of rows q >= w-1: view[h, m, j] = out[h, j + w-1, j + m], n = w-1-m
+    band = out.as_strided((h, w, t - w + 1), (t * t, 1, t + 1), (w - 1) * t)
+    band.copy_(by_distance[:, :w].flip(-1)[:, :, None].expand(h, w, t - w + 1))
+    # the first w-1 rows (their diagonals start before the view's): a small gather
+    q_idx = torch.arange(w - 1, device=out.device)
+    n = (q_idx[:, None] - q_idx[None, :]).clamp(min=0)  # (w-1, w-1)
+    out[:, :w - 1, :w - 1] = by_distance[:, n]
+    return out
+
+
 def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                               buckets: torch.Tensor, distance_buckets: torch.Tensor, window: int) -> torch.Tensor:
+                               distance_buckets: torch.Tensor, window: int) -> torch.Tensor:
     """The sdpa path on CPU for full sequences without attention dropout.
 
     With a bias that requires grad, CPU SDPA leaves its flash kernel for the math one, which
@@ -125,7 +147,8 @@ def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     causality as is_causal (tiles above the diagonal are skipped), and returns the logsumexp;
     the table's gradient comes from _BandBiasGrad as on the flex path: 0.26 s + 0.07 s.
     """
-    bias = table.detach().float().t()[:, buckets].to(q.dtype).unsqueeze(0)  # (1, H, T, T), no -inf
+    by_distance = table.detach().t()[:, distance_buckets].to(q.dtype)  # (H, T)
+    bias = causal_bias_matrix(by_distance, window).unsqueeze(0)  # (1, H, T, T)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, attn_mask=bias)[:2]
     if table.requires_grad and torch.is_grad_enabled():
         out = _BandBiasGrad.apply(out, q.detach(), k.detach(), v.detach(), lse.detach(), table,
@@ -377,8 +400,7 @@ class Attention(nn.Module):
             y = flex_biased_attention(q, k, v, self.rel_bias.weight, distance_buckets, block_mask,
                                       buckets.flex_kernel_options, window=buckets.max_distance)
         elif x.device.type == "cpu" and t == k.shape[2] and dropout == 0 and _HAS_CPU_FLASH:
-            idx, _ = buckets.get(t, t, x.device)
-            y = cpu_flash_biased_attention(q, k, v, self.rel_bias.weight, idx, buckets.distance_buckets(t, x.device),
+            y = cpu_flash_biased_attention(q, k, v, self.rel_bias.weight, buckets.distance_buckets(t, x.device),
                                            window=buckets.max_distance)
         else:
             idx, causal = buckets.get(t, k.shape[2], x.device)

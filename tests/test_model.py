@@ -198,6 +198,19 @@ def test_causal_bias_gradient_matches_plain_gather(tq, tk):
     torch.testing.assert_close(g_got, g_expect, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("t,num_buckets,max_distance", [(300, 32, 128), (40, 8, 20), (20, 8, 20), (7, 8, 20)])
+def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
+    """The CPU flash path's (H, T, T) bias built by a fill plus a strided band, against the
+    bucket gather, on and below the diagonal; finite above it (the kernel masks it there)."""
+    from lamda_pipe.attention import causal_bias_matrix
+
+    idx, causal = RelativePositionBuckets(num_buckets, max_distance).get(t, t, torch.device("cpu"))
+    table = torch.randn(num_buckets, 3, generator=torch.Generator().manual_seed(t))
+    got = causal_bias_matrix(table.t()[:, idx[:, 0]], max_distance)
+    assert got.shape == (3, t, t) and got.is_contiguous() and torch.isfinite(got).all()
+    assert torch.equal(got[:, causal], table.t()[:, idx][:, causal])
+
+
 def test_attention_kernel_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = RelativePositionBuckets(32, 128)
