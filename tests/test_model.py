@@ -200,15 +200,37 @@ def test_causal_bias_gradient_matches_plain_gather(tq, tk):
 
 @pytest.mark.parametrize("t,num_buckets,max_distance", [(300, 32, 128), (40, 8, 20), (20, 8, 20), (7, 8, 20)])
 def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
-    """The CPU flash path's (H, T, T) bias built by a fill plus a strided band, against the
-    bucket gather, on and below the diagonal; finite above it (the kernel masks it there)."""
+    """The CPU flash path's (H, T, T) bias (a band of diagonals plus a per-head shift) against
+    the bucket gather on and below the diagonal, zero above; rewritten in place for a new table."""
     from lamda_pipe.attention import causal_bias_matrix
 
     idx, causal = RelativePositionBuckets(num_buckets, max_distance).get(t, t, torch.device("cpu"))
-    table = torch.randn(num_buckets, 3, generator=torch.Generator().manual_seed(t))
-    got = causal_bias_matrix(table.t()[:, idx[:, 0]], max_distance)
-    assert got.shape == (3, t, t) and got.is_contiguous() and torch.isfinite(got).all()
-    assert torch.equal(got[:, causal], table.t()[:, idx][:, causal])
+    g = torch.Generator().manual_seed(t)
+    out = None
+    for _ in range(2):  # the second table reuses the first matrix
+        table = torch.randn(num_buckets, 3, generator=g)
+        got, shift = causal_bias_matrix(table.t()[:, idx[:, 0]], max_distance, out=out)
+        assert out is None or got is out
+        assert got.shape == (3, t, t) and got.is_contiguous()
+        assert torch.allclose((got + shift[:, None, None])[:, causal], table.t()[:, idx][:, causal], atol=1e-6)
+        assert not got[:, ~causal].any()
+        out = got
+
+
+def test_cpu_bias_cache_rebuilt_only_when_the_table_changes():
+    attn = _make_attention(TINY)
+    buckets = RelativePositionBuckets(TINY.num_buckets, TINY.max_distance)
+    x = torch.randn(2, 40, TINY.dim)
+    attn(x, buckets).sum().backward()
+    (first, _, _), = attn._bias_cache.values()
+    version = first._version
+    attn(x, buckets).sum().backward()  # same table: the same matrix, untouched
+    assert first._version == version
+    attn.rel_bias.weight.data.add_(1.0)  # as optimizers write: through .data, no version bump
+    y = attn(x, buckets)
+    (again, _, _), = attn._bias_cache.values()
+    assert again is first and first._version > version  # rewritten in place for the new table
+    torch.testing.assert_close(y, _naive_forward(attn, TINY, x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_kernel_choice():
