@@ -36,12 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from lamda_pipe.attention import (  # noqa: E402
-    FLEX_KERNEL_OPTIONS_16BIT,
-    RelativePositionBias,
-    RelativePositionBuckets,
-    flex_biased_attention,
-)
+from lamda_pipe.attention import RelativePositionBias, RelativePositionBuckets  # noqa: E402
+from lamda_pipe.attention_kernels import FLEX_KERNEL_OPTIONS_16BIT, flex_biased_attention  # noqa: E402
 from lamda_pipe.config import ModelConfig, flops_per_token, get_preset, param_count  # noqa: E402
 from lamda_pipe.metrics import peak_tflops_for  # noqa: E402
 from lamda_pipe.model import LaMDA  # noqa: E402

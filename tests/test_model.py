@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig, param_count, relative_position_bucket
-from lamda_pipe.attention import FLEX_MIN_SEQ_LEN, _BandBiasGrad
+from lamda_pipe.attention import FLEX_MIN_SEQ_LEN
+from lamda_pipe.attention_kernels import _BandBiasGrad
 from lamda_pipe.model import Attention, RelativePositionBuckets, top_k_filter
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
 
@@ -202,7 +203,7 @@ def test_causal_bias_gradient_matches_plain_gather(tq, tk):
 def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
     """The CPU flash path's (H, T, T) bias (a band of diagonals plus a per-head shift) against
     the bucket gather on and below the diagonal, zero above; rewritten in place for a new table."""
-    from lamda_pipe.attention import causal_bias_matrix
+    from lamda_pipe.attention_kernels import causal_bias_matrix
 
     idx, causal = RelativePositionBuckets(num_buckets, max_distance).get(t, t, torch.device("cpu"))
     g = torch.Generator().manual_seed(t)
