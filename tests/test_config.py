@@ -69,15 +69,18 @@ def test_readme_preset_equals_seed_constructor():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seq_len", [32, 64])
-def test_flops_per_token_against_flop_counter(seq_len):
+def test_flops_per_token_against_flop_counter(seq_len, monkeypatch):
     """FlopCounterMode counts the matrix multiplies of one forward pass: the Linear layers, the
-    tied head and attention. SDPA is pinned to its math backend, which decomposes into two bmm's
-    over all T x T query/key pairs (like the formula, which counts the causal half too); the
-    fused CPU flash kernel that SDPA picks under no_grad is invisible to FlopCounterMode.
-    Forward x 3 = forward + backward.
+    tied head and attention. Attention takes the masked SDPA path pinned to its math backend,
+    which decomposes into two bmm's over all T x T query/key pairs (like the formula, which
+    counts the causal half too); the fused CPU flash kernel, which the model uses otherwise,
+    is invisible to FlopCounterMode. Forward x 3 = forward + backward.
 
     flops_per_token's N also holds the RMSNorm scales and the relative-bias tables, which take
     part in no matrix multiply: that is the only difference, 6 * T * (their count) FLOPs."""
+    import lamda_pipe.attention
+
+    monkeypatch.setattr(lamda_pipe.attention, "HAS_CPU_FLASH", False)
     cfg = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
     torch.manual_seed(0)
     model = LaMDA(config=cfg).eval()
