@@ -102,15 +102,19 @@ def _naive_forward(attn: Attention, cfg: ModelConfig, x: torch.Tensor, q_from: i
     return y @ attn.out.weight.t()
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY_FEW_BUCKETS], ids=["B32D128", "B8D20"])
-def test_attention_matches_naive_forward_and_grads(cfg):
+@pytest.mark.parametrize("cfg,t", [(TINY, 40), (TINY_FEW_BUCKETS, 40), (TINY_FEW_BUCKETS, 64)],
+                         ids=["B32D128-masked", "B8D20-masked", "B8D20-T64-flash"])
+def test_attention_matches_naive_forward_and_grads(cfg, t):
+    """Both CPU sdpa paths: the masked bias (T <= 2 x max_distance) and, beyond that, the flash
+    kernel with the band gradient of the table."""
     attn = _make_attention(cfg)
     torch.manual_seed(1)
-    x = torch.randn(2, 40, cfg.dim, requires_grad=True)
-    g_out = torch.randn(2, 40, cfg.dim)  # a non-trivial upstream gradient
+    x = torch.randn(2, t, cfg.dim, requires_grad=True)
+    g_out = torch.randn(2, t, cfg.dim)  # a non-trivial upstream gradient
     params = [attn.qkv.weight, attn.rel_bias.weight, attn.out.weight]
 
     y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
+    assert bool(attn._bias_cache) == (t > 2 * cfg.max_distance)  # which path ran
     y_ref = _naive_forward(attn, cfg, x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
@@ -219,9 +223,10 @@ def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
 
 
 def test_cpu_bias_cache_rebuilt_only_when_the_table_changes():
-    attn = _make_attention(TINY)
-    buckets = RelativePositionBuckets(TINY.num_buckets, TINY.max_distance)
-    x = torch.randn(2, 40, TINY.dim)
+    cfg = TINY_FEW_BUCKETS  # T=64 > 2 x max_distance: the CPU flash path
+    attn = _make_attention(cfg)
+    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+    x = torch.randn(2, 64, cfg.dim)
     attn(x, buckets).sum().backward()
     (first, _, _), = attn._bias_cache.values()
     version = first._version
@@ -231,7 +236,7 @@ def test_cpu_bias_cache_rebuilt_only_when_the_table_changes():
     y = attn(x, buckets)
     (again, _, _), = attn._bias_cache.values()
     assert again is first and first._version > version  # rewritten in place for the new table
-    torch.testing.assert_close(y, _naive_forward(attn, TINY, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, _naive_forward(attn, cfg, x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_kernel_choice():
