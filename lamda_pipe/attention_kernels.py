@@ -64,13 +64,21 @@ def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
         # read in bounds, the block mask then removes them.
         return score + bias[h, (q_idx - kv_idx).clamp(min=0)]
 
+    from torch.nn.attention import flex_attention as flex_module
     from torch.nn.attention.flex_attention import flex_attention
+
+    AuxRequest = getattr(flex_module, "AuxRequest", None)
     if q.is_cuda and not torch.compiler.is_compiling():
         flex = _compiled_flex_attention()
     else:  # inside a compiled region it is traced as is; on CPU eager (forward only, parity tests)
         flex = flex_attention
-    out, lse = flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options,
-                    return_lse=True)
+    if AuxRequest is not None:  # torch >= 2.9; return_lse is deprecated there
+        out, aux = flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options,
+                        return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = flex(q, k, v, score_mod=add_bias, block_mask=block_mask, kernel_options=kernel_options,
+                        return_lse=True)
     if table.requires_grad and torch.is_grad_enabled():
         out = _BandBiasGrad.apply(out, q.detach(), k.detach(), v.detach(), lse.detach(), table,
                                   distance_buckets, window)
