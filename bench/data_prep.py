@@ -28,9 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # explicit: no fork war
 
 import tokenizers  # noqa: E402
 
-from lamda_pipe.prepare import prepare_data, usable_cores  # noqa: E402
-from lamda_pipe.text_sources import iter_documents  # noqa: E402
-from lamda_pipe.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from lamda_pipe.data.prepare import prepare_data, usable_cores  # noqa: E402
+from lamda_pipe.data.text_sources import iter_documents  # noqa: E402
+from lamda_pipe.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     workers = args.workers or usable_cores()
     # Imported here, not at the top: prepare_data's spawned workers re-import this script, and
     # lamda_pipe.data brings in torch (~2-4 s per worker, which would be timed as prepare_data's).
-    from lamda_pipe.data import bundled_corpus
+    from lamda_pipe.data.loader import bundled_corpus
 
     corpus = list(iter_documents([str(p) for p in bundled_corpus()]))
     reps = max(1, round(args.mb * 1e6 / sum(len(d.encode()) for d in corpus)))

@@ -19,13 +19,11 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .errors import CheckpointError
+
 RUN_INFO = "lamda_run.json"
 COMPLETE = "lamda_complete"
 TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
 def tag_for(step: int) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,15 +29,15 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "dim", "depth", "heads", "dim_head", "ff_mult", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_buckets < 2 or self.num_buckets % 2:
-            raise ValueError(f"ModelConfig.num_buckets must be an even number >= 2, got {self.num_buckets}")
+            raise ConfigError(f"ModelConfig.num_buckets must be an even number >= 2, got {self.num_buckets}")
         if self.max_distance <= self.num_buckets // 2:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.max_distance ({self.max_distance}) must exceed num_buckets/2 "
                 f"({self.num_buckets // 2}): the log-spaced buckets start there")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def d_ff(self) -> int:
@@ -56,7 +58,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -84,7 +86,7 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 def block_param_count(cfg: ModelConfig) -> int:

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
+from .errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-
-
-class ConfigError(ValueError):
-    """A bad combination of settings; the message names the problem and the fix."""
+CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # shipped with the package
 
 
 def default_config_path(cuda_available: bool, bf16_supported: bool) -> Path:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
-from .data import DataSpecError, open_sources
-from .checkpoint import CheckpointError, latest_tag_dir, validate
-from .ds_config import BatchShape, ConfigError, check_run, default_config_path, fill_run_values, load_config
+from .data.loader import open_sources
+from .checkpoint import latest_tag_dir, validate
+from .errors import EXIT_BAD_INPUT, ConfigError, UsageError
+from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
 from .distributed import launch_env, set_cpu_threads
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -194,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = preflight(args)
-    except (ConfigError, DataSpecError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     env = launch_env(args.local_rank)
     set_cpu_threads(env.local_world_size)
     return train(args, plan)
@@ -207,7 +208,7 @@ def train(args, plan: Plan) -> int:
     import torch
     import torch.distributed as dist
 
-    from .data import MicroBatchStream, prepare_bundled
+    from .data.loader import MicroBatchStream, prepare_bundled
     from .distributed import init_distributed
     from .metrics import MetricsLogger, peak_tflops_for
     from .checkpoint import begin_save, commit_save, tag_for, to_universal

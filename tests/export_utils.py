@@ -10,11 +10,11 @@ import torch
 
 from lamda_pipe.config import ModelConfig
 
-CORPUS = Path(__file__).resolve().parent.parent / "lamda_pipe" / "corpus" / "genesis.txt"
+CORPUS = Path(__file__).resolve().parent.parent / "lamda_pipe" / "data" / "corpus" / "genesis.txt"
 
 
 def train_tiny_tokenizer(path: Path, vocab: int = 300) -> Path:
-    from lamda_pipe.tokenizer import train_tokenizer
+    from lamda_pipe.data.tokenizer import train_tokenizer
 
     docs = [d for d in CORPUS.read_text().split("\n\n") if d.strip()]
     train_tokenizer(docs, vocab_size=vocab).save(str(path))

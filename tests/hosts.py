@@ -27,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lamda_pipe.prepare import _pid_alive  # one liveness check for the project
+from lamda_pipe.data.prepare import _pid_alive  # one liveness check for the project
 
 APT_TIMEOUT = 600
 

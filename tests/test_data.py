@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lamda_pipe.data import (MIX_BLOCK, DataSpecError, MicroBatchStream, Mixture, bundled_corpus,
+from lamda_pipe.data.loader import (MIX_BLOCK, DataError, MicroBatchStream, Mixture, bundled_corpus,
                              open_sources, parse_data_spec)
 
 
@@ -96,7 +96,7 @@ def test_parse_data_spec_forms():
 
 @pytest.mark.parametrize("bad", ["", "a:x,b:1", "a:-1,b:1", "a:0,b:1", "a,b", "a:nan,b:1", "a:1,a:2"])
 def test_parse_data_spec_refuses_what_does_not_parse(bad):
-    with pytest.raises(DataSpecError, match="--data"):
+    with pytest.raises(DataError, match="--data"):
         parse_data_spec(bad)
 
 
@@ -127,7 +127,7 @@ def test_mixture_proportions_within_one_slot_per_block_and_no_sample_skipped():
 
 
 def test_mixture_refuses_a_weight_too_small_for_a_block():
-    with pytest.raises(DataSpecError, match="below 1/"):
+    with pytest.raises(DataError, match="below 1/"):
         Mixture([0.9999, 0.0001], seed=0)
 
 
@@ -178,8 +178,8 @@ DOCS = [f"Document number {i} talks about {'apples' if i % 2 else 'rivers'} and 
 
 
 def prepared(tmp_path, name, vocab=300, docs=DOCS, tokenizer=None):
-    from lamda_pipe.prepare import prepare_data
-    from lamda_pipe.tokenizer import train_tokenizer
+    from lamda_pipe.data.prepare import prepare_data
+    from lamda_pipe.data.tokenizer import train_tokenizer
 
     if tokenizer is None:
         tokenizer = tmp_path / f"tok{vocab}.json"
@@ -203,28 +203,28 @@ def test_open_sources_reads_a_mixture(tmp_path):
 def test_open_sources_refusals(tmp_path):
     a = prepared(tmp_path, "a")
     other_tok = prepared(tmp_path, "other", vocab=280)  # another tokenizer
-    with pytest.raises(DataSpecError, match="different tokenizers"):
+    with pytest.raises(DataError, match="different tokenizers"):
         open_sources(f"{a}:0.5,{other_tok}:0.5", model_vocab=512, seq_len=16)
     vocab = json.loads((a / "meta.json").read_text())["vocab_size"]
-    with pytest.raises(DataSpecError, match=f"pass --vocab-size {vocab}"):
+    with pytest.raises(DataError, match=f"pass --vocab-size {vocab}"):
         open_sources(str(a), model_vocab=vocab - 1, seq_len=16)
     open_sources(str(a), model_vocab=vocab, seq_len=16)  # equal is fine, and so is a larger model vocab
     train_tokens = json.loads((a / "meta.json").read_text())["splits"]["train"]["tokens"]
-    with pytest.raises(DataSpecError, match="--seq-len"):
+    with pytest.raises(DataError, match="--seq-len"):
         open_sources(str(a), model_vocab=512, seq_len=train_tokens)
     with pytest.raises(ValueError, match="no such data dir"):
         open_sources(str(tmp_path / "missing"), model_vocab=512, seq_len=16)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no meta.json"):
         open_sources(str(tmp_path / "empty"), model_vocab=512, seq_len=16)
-    with pytest.raises(DataSpecError, match="weight"):
+    with pytest.raises(DataError, match="weight"):
         open_sources(f"{a}:half", model_vocab=512, seq_len=16)
 
 
 def test_bundled_corpus_goes_through_the_prepare_path(tmp_path):
-    from lamda_pipe.data import prepare_bundled
-    from lamda_pipe.prepare import read_meta
-    from lamda_pipe.text_sources import iter_documents
+    from lamda_pipe.data.loader import prepare_bundled
+    from lamda_pipe.data.prepare import read_meta
+    from lamda_pipe.data.text_sources import iter_documents
 
     out = prepare_bundled(tmp_path / "data", 512)
     meta = read_meta(out)

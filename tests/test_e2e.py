@@ -113,7 +113,7 @@ def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_mixture_of_prepared_dirs_trains(tmp_path):
     """Tokenizer and data prepared with the console scripts, then a weighted mixture."""
-    corpus = ROOT / "lamda_pipe" / "corpus"
+    corpus = ROOT / "lamda_pipe" / "data" / "corpus"
     tok = tmp_path / "tok.json"
     assert run_tool("lamda-train-tokenizer", "--input", *map(str, corpus.glob("*.txt")), "--vocab-size", "1024",
                     "--out", str(tok), "--no-progress").returncode == 0

@@ -13,7 +13,7 @@ import torch
 from lamda_pipe.config import ModelConfig
 from lamda_pipe.export import CheckpointError, export_checkpoint, resolve
 from lamda_pipe.model import LaMDA
-from lamda_pipe.tokenizer import load_tokenizer, vocab_size
+from lamda_pipe.data.tokenizer import load_tokenizer, vocab_size
 from tests.dist_utils import run_ranks
 from tests.export_utils import train_tiny_tokenizer, write_run_info
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lamda_pipe.attention as attention_mod
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig
 from lamda_pipe.export import export_checkpoint
-from lamda_pipe.tokenizer import load_tokenizer, special_ids, vocab_size
+from lamda_pipe.data.tokenizer import load_tokenizer, special_ids, vocab_size
 from tests.export_utils import train_tiny_tokenizer, write_layer_files, write_run_info
 
 TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lamda_pipe.config import PRESETS, ModelConfig
-from lamda_pipe.data import MicroBatchStream
+from lamda_pipe.data.loader import MicroBatchStream
 from tests.dist_utils import run_ranks
 
 CFG = ModelConfig(vocab_size=211, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lamda_pipe.data import EOT, bundled_corpus
-from lamda_pipe.prepare import FORMAT, is_val_document, prepare_data, read_meta, token_dtype
-from lamda_pipe.text_sources import DataError, iter_documents
-from lamda_pipe.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
+from lamda_pipe.data.loader import EOT, bundled_corpus
+from lamda_pipe.data.prepare import FORMAT, is_val_document, prepare_data, read_meta, token_dtype
+from lamda_pipe.data.text_sources import DataError, iter_documents
+from lamda_pipe.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 from lamda_pipe.tools.prepare_data import main as prepare_main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lamda_pipe import text_sources
-from lamda_pipe.data import bundled_corpus
-from lamda_pipe.text_sources import DataError, check_source, describe_source, iter_documents
+from lamda_pipe.data import text_sources
+from lamda_pipe.data.loader import bundled_corpus
+from lamda_pipe.data.text_sources import DataError, check_source, describe_source, iter_documents
 
 DOCS = ["First document.", "Naïve café in 東京 🙂", "Third\nspans two lines.", "Fourth — last."]
 

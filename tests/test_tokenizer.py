@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lamda_pipe.data import EOT, PAD, UNK, bundled_corpus
-from lamda_pipe.prepare import prepare_data
-from lamda_pipe.text_sources import DataError, iter_documents
-from lamda_pipe.tokenizer import (BYTE_TOKENS, eot_id, load_tokenizer, special_ids, tokenizer_sha256,
+from lamda_pipe.data.loader import EOT, PAD, UNK, bundled_corpus
+from lamda_pipe.data.prepare import prepare_data
+from lamda_pipe.data.text_sources import DataError, iter_documents
+from lamda_pipe.data.tokenizer import (BYTE_TOKENS, eot_id, load_tokenizer, special_ids, tokenizer_sha256,
                                   train_tokenizer)
 from lamda_pipe.tools.train_tokenizer import main as train_main
 

@@ -14,9 +14,8 @@ import signal
 import sys
 import threading
 
-from ..text_sources import DataError, supported_extensions
-
-EXIT_BAD_INPUT = 2
+from ..data.text_sources import supported_extensions
+from ..errors import EXIT_BAD_INPUT, DataError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -59,12 +58,12 @@ def source_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_cli(body, argv) -> int:
-    """Runs body(argv), turning DataError into `error: ...` + exit 2 and Ctrl-C / SIGTERM into
+    """Runs body(argv), turning UsageError into `error: ...` + exit 2 and Ctrl-C / SIGTERM into
     a clean exit (partial outputs are removed by the code that writes them)."""
     with _sigterm_as_exit():
         try:
             return body(argv)
-        except DataError as e:
+        except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:

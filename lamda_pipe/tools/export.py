@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..text_sources import DataError
+from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
 
 

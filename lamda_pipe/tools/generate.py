@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..text_sources import DataError
+from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
 
 
@@ -79,7 +79,7 @@ def _run(argv) -> int:
     from ..config import param_count
     from ..export import CheckpointError, load_model, resolve, source_config
     from ..model import AutoregressiveWrapper
-    from ..tokenizer import load_tokenizer, special_ids, vocab_size
+    from ..data.tokenizer import load_tokenizer, special_ids, vocab_size
 
     args = parse_args(argv)
     _check_args(args)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..text_sources import DataError, describe_source, iter_documents
+from ..data.text_sources import DataError, describe_source, iter_documents
 from . import ArgumentParser, add_source_args, run_cli, source_kwargs
 
 
@@ -29,8 +29,8 @@ def parse_args(argv):
 
 
 def _run(argv) -> int:
-    from ..prepare import check_output, prepare_data
-    from ..tokenizer import eot_id, load_tokenizer
+    from ..data.prepare import check_output, prepare_data
+    from ..data.tokenizer import eot_id, load_tokenizer
 
     args = parse_args(argv)
     if not 0 <= args.val_fraction < 1:

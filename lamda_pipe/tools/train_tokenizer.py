@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..text_sources import DataError, iter_documents
+from ..data.text_sources import DataError, iter_documents
 from . import ArgumentParser, add_source_args, run_cli, source_kwargs
 
 
@@ -26,7 +26,7 @@ def parse_args(argv):
 
 
 def _run(argv) -> int:
-    from ..tokenizer import MIN_VOCAB_SIZE, tokenizer_sha256, train_tokenizer
+    from ..data.tokenizer import MIN_VOCAB_SIZE, tokenizer_sha256, train_tokenizer
 
     args = parse_args(argv)
     if args.vocab_size < MIN_VOCAB_SIZE:

@@ -8,7 +8,7 @@ whole file, and parquet is read in record batches.
 
 Document rules (the same for every source): empty or whitespace-only documents are skipped.
 .txt: documents are separated by blank lines ("\\n\\n"), each stripped of edge whitespace; this
-is the rule the bundled corpus (lamda_pipe/corpus) was written for. .jsonl / .json: one JSON
+is the rule the bundled corpus (lamda_pipe/data/corpus) was written for. .jsonl / .json: one JSON
 object per line, the document is obj[text_field]. .parquet: the text_field column.
 """
 
@@ -21,16 +21,14 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..errors import DataError
+
 TXT, JSONL, PARQUET = "txt", "jsonl", "parquet"
 # suffix(es) -> kind; gzip is read transparently for the line-based formats
 EXTENSIONS = {".txt": TXT, ".jsonl": JSONL, ".json": JSONL, ".parquet": PARQUET,
               ".txt.gz": TXT, ".jsonl.gz": JSONL, ".json.gz": JSONL}
 READ_CHUNK = 1 << 20  # characters of a .txt file read at a time
 PARQUET_BATCH_ROWS = 1024
-
-
-class DataError(ValueError):
-    """Bad data input or output; the message names the problem and the fix."""
 
 
 def supported_extensions() -> str:

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .text_sources import DataError
+from ..errors import DataError
 
 EOT = "<|endoftext|>"
 PAD = "<pad>"

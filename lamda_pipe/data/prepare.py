@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .text_sources import DataError
+from ..errors import DataError
 from .tokenizer import eot_id, load_tokenizer, tokenizer_sha256, vocab_size as id_space
 
 FORMAT = "lamda-pipe-tokens/1"

@@ -1,6 +1,6 @@
 """Reading prepared token data in training: sources, mixtures, deterministic micro-batches.
 
-A prepared data dir (written by `lamda-prepare-data`, see lamda_pipe/prepare.py) holds
+A prepared data dir (written by `lamda-prepare-data`, see lamda_pipe/data/prepare.py) holds
 train.bin / val.bin (token ids, each document followed by end-of-text), tokenizer.json and
 meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...".
 
@@ -27,14 +27,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special tokens)
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 MIX_BLOCK = 1024  # slots per mixture block; 1/16 weights (LaMDA's mix) are exact
-
-
-class DataSpecError(ValueError):
-    """Bad --data input; the message names the problem and the fix."""
 
 
 def bundled_corpus() -> list[Path]:
@@ -47,7 +44,7 @@ def parse_data_spec(spec: str) -> list[tuple[Path, float]]:
     """'DIR' or 'DIR_A:0.5,DIR_B:0.125' -> [(path, weight), ...], weights normalised to sum 1."""
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     if not entries:
-        raise DataSpecError("--data is empty; give a prepared data dir or 'DIR_A:0.5,DIR_B:0.5'")
+        raise DataError("--data is empty; give a prepared data dir or 'DIR_A:0.5,DIR_B:0.5'")
     out = []
     for entry in entries:
         path, sep, weight = entry.rpartition(":")
@@ -58,12 +55,12 @@ def parse_data_spec(spec: str) -> list[tuple[Path, float]]:
         except ValueError:
             w = math.nan
         if not math.isfinite(w) or w <= 0:
-            raise DataSpecError(f"--data: cannot read a positive weight in {entry!r}; write a mixture as "
+            raise DataError(f"--data: cannot read a positive weight in {entry!r}; write a mixture as "
                                 f"'DIR_A:0.5,DIR_B:0.25' (weights > 0, normalised to sum 1)")
         out.append((Path(path), w))
     paths = [p for p, _ in out]
     if len(set(paths)) != len(paths):
-        raise DataSpecError(f"--data names a dir twice: {spec!r}; give each dir once with its total weight")
+        raise DataError(f"--data names a dir twice: {spec!r}; give each dir once with its total weight")
     total = sum(w for _, w in out)
     return [(p, w / total) for p, w in out]
 
@@ -104,17 +101,17 @@ def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSourc
     hashes = {s.meta["tokenizer_sha256"] for s in sources}
     if len(hashes) > 1:
         listing = ", ".join(f"{s.directory} ({s.meta['tokenizer_sha256'][:12]})" for s in sources)
-        raise DataSpecError(f"--data mixes dirs prepared with different tokenizers: {listing}; "
+        raise DataError(f"--data mixes dirs prepared with different tokenizers: {listing}; "
                             f"prepare them all with the same tokenizer.json")
     for s in sources:
         if s.vocab_size > model_vocab:
-            raise DataSpecError(
+            raise DataError(
                 f"{s.directory} was prepared with a {s.vocab_size}-token vocabulary, more than the model's "
                 f"{model_vocab}: pass --vocab-size {s.vocab_size} (or a multiple of 64 above it), or prepare "
                 f"the data with a tokenizer of at most {model_vocab} tokens")
         train_tokens = s.meta["splits"]["train"]["tokens"]
         if train_tokens < seq_len + 1:
-            raise DataSpecError(f"{s.directory} holds {train_tokens} training tokens, fewer than one sample of "
+            raise DataError(f"{s.directory} holds {train_tokens} training tokens, fewer than one sample of "
                                 f"--seq-len + 1 = {seq_len + 1}; use a shorter --seq-len or more data")
     return sources
 
@@ -154,7 +151,7 @@ class Mixture:
         for i in sorted(range(len(raw)), key=lambda i: (quotas[i] - raw[i], i))[:block - sum(quotas)]:
             quotas[i] += 1
         if min(quotas) == 0:
-            raise DataSpecError(f"a mixture weight is below 1/{block}: each source needs at least one sample "
+            raise DataError(f"a mixture weight is below 1/{block}: each source needs at least one sample "
                                 f"in every {block}; raise the smallest weight")
         self.quotas, self.block, self.seed = quotas, block, seed
         self._pattern = np.repeat(np.arange(len(quotas)), quotas)
@@ -223,7 +220,7 @@ def prepare_bundled(out_dir: Path, vocab_size: int) -> Path:
     import hashlib
 
     from .prepare import prepare_data, read_meta
-    from .text_sources import DataError, iter_documents
+    from .text_sources import iter_documents
     from .tokenizer import train_tokenizer
 
     files = bundled_corpus()

@@ -1,0 +1,28 @@
+"""One base class for what the user can fix.
+
+Every check of user input (flags, DeepSpeed JSON, data dirs, checkpoints, exports) raises a
+subclass of ``UsageError`` whose message names the problem and the fix. Entry points catch
+``UsageError`` alone, print its one line and exit 2, so a bug in our code still shows its
+traceback instead of being reported as bad input.
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Bad input; the message names the problem and the fix. (A ValueError for callers that
+    catch that.)"""
+
+
+class ConfigError(UsageError):
+    """A bad flag or DeepSpeed config, or a bad combination of them."""
+
+
+class DataError(UsageError):
+    """Bad raw text input, prepared data dir or --data spec."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint, run dir or export that cannot be used."""
