@@ -209,7 +209,7 @@ def worker(args) -> None:
 
     from lamda_pipe.distributed import init_distributed
     from lamda_pipe.ds_config import CONFIG_DIR, check_run, fill_run_values, load_config
-    from lamda_pipe.pipeline import build_pipeline
+    from lamda_pipe.pipeline import build_pipeline, stage_bounds
 
     warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     init_distributed()
@@ -224,10 +224,10 @@ def worker(args) -> None:
     ds.setdefault("pipeline", {})["activation_checkpoint_interval"] = spec["ckpt"]
     if spec["zero"]:
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), **json.loads(spec["zero"])}
-    check_run(ds, cfg, pipe_stages=spec["p"], world_size=world, seq_len=spec["seq_len"], cuda_available=False)
+    check_run(ds, pipe_stages=spec["p"], world_size=world, cuda_available=False)
     ds = fill_run_values(ds, steps=1000, run_dir=Path(tempfile.gettempdir()))
-    net = build_pipeline(cfg, spec["p"], spec["seed"], activation_checkpoint_interval=spec["ckpt"],
-                         partition_method=spec["partition"], seq_len=spec["seq_len"])
+    bounds = stage_bounds(cfg, spec["p"], spec["seq_len"], method=spec["partition"])
+    net = build_pipeline(cfg, bounds, spec["seed"], activation_checkpoint_interval=spec["ckpt"])
     engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters()
                                                                         if p.requires_grad], config=ds)
     stage = engine.stage_id

@@ -1,33 +1,33 @@
-"""Checkpoints you can trust: atomic saves, validation before loading, keep-last-N.
+"""Checkpoints you can trust: atomic saves, validation before loading, keep-last-N, resume.
 
-A checkpoint directory (RUN_DIR/checkpoints) holds one folder per save, named by step, and a
-file `latest` naming the newest *complete* one. A save is complete when every rank has written
-its DeepSpeed files; only then does rank 0 write the marker `lamda_complete` into the folder and
-replace `latest` (write to a temporary name, then rename). A save killed half-way therefore
-leaves a folder without the marker that `latest` never points to and nothing ever loads.
+A checkpoint directory (RUN_DIR/checkpoints; names in run_format.py) holds one folder per save,
+named by step, and a file `latest` naming the newest *complete* one. A save is complete when
+every rank has written its DeepSpeed files; only then does rank 0 write the marker
+`lamda_complete` into the folder and replace `latest` (write to a temporary name, then rename).
+A save killed half-way therefore leaves a folder without the marker that `latest` never points
+to and nothing ever loads. Beside DeepSpeed's files each folder holds the run record
+(lamda_run.json) and tokenizer.json, so a checkpoint describes itself.
 
-Beside DeepSpeed's files each folder holds `lamda_run.json` (model config, layout, data
-position, tokenizer hash) and `tokenizer.json`, so a checkpoint describes itself.
+``Checkpointer`` owns this for a training run: when to save (every N steps and the last step),
+the save protocol (begin -> barrier -> DeepSpeed -> barrier -> commit -> keep-last), the resume
+(through DeepSpeed's universal checkpoint when the layout changed) and the data position, which
+is the one number a resumed run needs to continue with the next unseen sample.
+``resume_point`` decides, before any process starts, what a run resumes from.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .errors import CheckpointError
-
-RUN_INFO = "lamda_run.json"
-COMPLETE = "lamda_complete"
-TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
+from .errors import CheckpointError, ConfigError
+from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, latest_tag_dir,
+                         step_of, tag_for)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -36,26 +36,24 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def begin_save(tag_dir: Path, info: dict, tokenizer: Path) -> None:
+def begin_save(tag_dir: Path, record: RunRecord, tokenizer: Path) -> None:
     """Rank 0, before DeepSpeed writes: the self-description, and no stale completion marker
     (the folder may hold a save of the same step that was killed half-way)."""
     tag_dir.mkdir(parents=True, exist_ok=True)
     (tag_dir / COMPLETE).unlink(missing_ok=True)
-    shutil.copyfile(tokenizer, tag_dir / "tokenizer.json")
-    write_atomic(tag_dir / RUN_INFO, json.dumps(info, indent=1))
+    shutil.copyfile(tokenizer, tag_dir / TOKENIZER)
+    write_atomic(tag_dir / RUN_RECORD, record.to_json())
 
 
 def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
     """Rank 0, after a barrier that follows every rank's writes: mark complete, move `latest`,
     then delete complete checkpoints older than the newest `keep_last`. Returns what was deleted."""
-    tag_dir = ckpt_dir / tag
-    (tag_dir / COMPLETE).write_text("")
-    write_atomic(ckpt_dir / "latest", tag)
+    (ckpt_dir / tag / COMPLETE).write_text("")
+    write_atomic(ckpt_dir / LATEST, tag)
     if not keep_last:
         return []
     complete = sorted((step, d) for d in ckpt_dir.iterdir()
-                      if d.is_dir() and (m := TAG_RE.match(d.name)) and (d / COMPLETE).is_file()
-                      for step in [int(m.group(1))])
+                      if d.is_dir() and (step := step_of(d.name)) is not None and (d / COMPLETE).is_file())
     doomed = [d for _, d in complete[:-keep_last] if d.name != tag]
     for d in doomed:
         (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
@@ -63,53 +61,18 @@ def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
     return doomed
 
 
-def latest_tag_dir(ckpt_dir: Path) -> Path | None:
-    """The folder `latest` names, or None when there is no `latest` at all."""
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    tag_dir = Path(ckpt_dir) / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"{latest} names {tag!r}, which does not exist in {ckpt_dir}; point `latest` at "
-                              f"one of the complete checkpoints there or start a new --run-dir")
-    return tag_dir
-
-
-def expected_files(info: dict) -> list[str]:
-    """DeepSpeed's files for a pipeline checkpoint of this layout (names as in deepspeed 0.16+)."""
-    depth = info["model_config"]["depth"]
-    stages, dp = info["pipe_stages"], info["data_parallel"]
-    prefix = "bf16_" if info.get("bf16") else ""
-    files = [f"layer_{i:02d}-model_states.pt" for i in range(depth + 2)]  # head is tied: no file
-    files += [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)]
-    files += [f"{prefix}zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt" for s in range(stages) for r in range(dp)]
-    return files
-
-
-def read_run_info(tag_dir: Path) -> dict | None:
-    """lamda_run.json of a checkpoint folder; None for a checkpoint written by another tool."""
-    path = tag_dir / RUN_INFO
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; resume from an earlier "
-                              f"one (edit {tag_dir.parent / 'latest'}) or start a new --run-dir") from None
-
-
-def validate(tag_dir: Path, deep: bool = True) -> dict | None:
+def validate(tag_dir: Path, deep: bool = True) -> RunRecord | None:
     """Checks a checkpoint folder before any process loads it: complete, every file present and,
-    with deep=True, every file a readable archive (CRC-checked). Returns its run info."""
-    info = read_run_info(tag_dir)
-    if info is None:
+    with deep=True, every file a readable archive (CRC-checked). Returns its run record (None for
+    a checkpoint without one, written by another tool)."""
+    record = RunRecord.read(tag_dir)
+    if record is None:
         return None
-    fix = (f"resume from an earlier checkpoint (write its folder name into {tag_dir.parent / 'latest'}) "
+    fix = (f"resume from an earlier checkpoint (write its folder name into {tag_dir.parent / LATEST}) "
            f"or start a new --run-dir")
     if not (tag_dir / COMPLETE).is_file():
         raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE} marker: its save was interrupted); {fix}")
-    for name in expected_files(info):
+    for name in record.expected_files():
         path = tag_dir / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint; {fix}")
@@ -121,14 +84,14 @@ def validate(tag_dir: Path, deep: bool = True) -> dict | None:
                 raise CheckpointError(f"{path} is damaged ({e}); {fix}") from None
             if bad is not None:
                 raise CheckpointError(f"{path} is damaged (bad CRC in {bad}); {fix}")
-    return info
+    return record
 
 
 def to_universal(tag_dir: Path) -> Path:
     """Converts a checkpoint to DeepSpeed's universal format (once; reused afterwards), which a
     run with another pipeline-stage or data-parallel count can load with the optimizer state,
     step count and LR schedule. No processes or GPUs needed; rank 0 calls it."""
-    out = tag_dir.parent / f"{tag_dir.name}_universal"
+    out = tag_dir.parent / f"{tag_dir.name}{UNIVERSAL_SUFFIX}"
     if (out / COMPLETE).is_file():
         return out
     from argparse import Namespace
@@ -142,3 +105,131 @@ def to_universal(tag_dir: Path) -> Path:
                                    inject_missing_state=False))
     (out / COMPLETE).write_text("")
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is split: what a checkpoint's ZeRO-1 optimizer state is tied to."""
+
+    pipe_stages: int
+    data_parallel: int
+    stage_bounds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    tag_dir: Path
+    record: RunRecord | None  # None: a checkpoint another tool wrote (loaded as is, unchecked)
+    saved_layout: Layout | None
+    change_layout: bool  # load through the universal checkpoint
+
+
+def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, layout: Layout,
+                 legacy_bounds: Callable[[RunRecord], list[int]]) -> ResumePoint:
+    """Checks the checkpoint `latest` names in load_dir against this run, before any process
+    starts: complete and undamaged, the same model, data from the same tokenizer.
+    legacy_bounds gives the stage bounds of a record written before they were recorded."""
+    tag_dir = latest_tag_dir(load_dir)
+    if tag_dir is None:
+        raise ConfigError(f"--load {load_dir}: no '{LATEST}' file there, so no checkpoint to resume; "
+                          f"point --load at a directory written by a run (RUN_DIR/checkpoints)")
+    record = validate(tag_dir)
+    if record is None:
+        return ResumePoint(tag_dir, None, None, False)
+    if record.model_config != record_template.model_config:
+        raise ConfigError(f"--load {tag_dir} holds a different model (preset {record.model_preset!r}) than "
+                          f"--model {preset}; resume with --model {record.model_preset}")
+    theirs, ours = record.tokenizer_sha256, record_template.tokenizer_sha256
+    if theirs and ours and theirs != ours:
+        raise ConfigError(f"--load {tag_dir} was trained on data tokenized with another tokenizer "
+                          f"(sha256 {theirs[:12]}) than --data ({ours[:12]}); "
+                          f"prepare the data with the run's tokenizer ({tag_dir / TOKENIZER})")
+    bounds = record.stage_bounds if record.stage_bounds is not None else tuple(legacy_bounds(record))
+    saved = Layout(record.pipe_stages, record.data_parallel, tuple(bounds))
+    # ZeRO-1 keeps each stage's optimizer state as one flat buffer over that stage's layers:
+    # another split (stage count, data parallel, or bounds moved by --seq-len or the
+    # partitioner) cannot load it directly, only through the universal checkpoint.
+    return ResumePoint(tag_dir, record, saved, saved != layout)
+
+
+class Checkpointer:
+    """The checkpoints of one training run, on every rank (rank 0 writes the markers)."""
+
+    def __init__(self, ckpt_dir: Path, *, every: int, keep_last: int | None, global_batch: int,
+                 record: RunRecord, tokenizer: Path, rank: int, barrier: Callable[[], None],
+                 log: Callable[[str], None] = print):
+        """record: this run's record with its step fields unset; filled in at every save."""
+        self.dir = Path(ckpt_dir)
+        self.every, self.keep_last = every, keep_last
+        self.global_batch = global_batch
+        self.record, self.tokenizer = record, tokenizer
+        self.rank, self.barrier, self.log = rank, barrier, log
+        self._start = (0, 0)  # (step, samples consumed) where this process started
+        self._saved_at: int | None = None
+
+    # The data position: samples consumed before this process plus one global batch per step since.
+    def samples_consumed(self, step: int) -> int:
+        step0, samples0 = self._start
+        return samples0 + (step - step0) * self.global_batch
+
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        if step == self._saved_at:
+            return False  # already saved at this step (e.g. a resume at the last step)
+        return last_step or step % self.every == 0
+
+    def save(self, engine, step: int, last_step: bool = False) -> bool:
+        """Saves if the cadence says so; returns whether it did. Collective: call on every rank."""
+        if not self.should_save(step, last_step):
+            return False
+        tag = tag_for(step)
+        record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
+                                     micro_offset=engine.module.micro_offset)
+        if self.rank == 0:
+            begin_save(self.dir / tag, record, self.tokenizer)
+        self.barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=dataclasses.asdict(record), save_latest=False)
+        self.barrier()  # every rank has written its files: only now is the checkpoint complete
+        if self.rank == 0:
+            for old in commit_save(self.dir, tag, self.keep_last):
+                self.log(f"deleted old checkpoint {old}")
+        self.barrier()
+        self._saved_at = step
+        return True
+
+    def resume(self, engine, point: ResumePoint | None) -> None:
+        """Loads `point` into the engine (converting it first if the layout changed) and restores
+        the data position and the dropout-seed counter. Collective: call on every rank."""
+        step = engine.global_steps
+        if point is None:
+            self._start = (step, 0)
+            return
+        load_dir = point.tag_dir
+        if point.change_layout:
+            if self.rank == 0:
+                s = point.saved_layout
+                self.log(f"converting {load_dir} ({s.pipe_stages} stages x {s.data_parallel} data parallel, "
+                         f"stage bounds {list(s.stage_bounds)}) to a universal checkpoint for "
+                         f"{self.record.pipe_stages} x {self.record.data_parallel}, stage bounds "
+                         f"{list(self.record.stage_bounds)}")
+                to_universal(load_dir)
+            self.barrier()
+            load_dir = load_dir.parent / f"{load_dir.name}{UNIVERSAL_SUFFIX}"
+        # DeepSpeed reads the universal switch from its config at load time; it must be on for
+        # this load only (a later ordinary checkpoint of this run loads without it).
+        engine._config.load_universal_checkpoint = point.change_layout
+        try:
+            path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load a checkpoint from {point.tag_dir}")
+        client_state = client_state or {}
+        step = engine.global_steps
+        samples = client_state.get("samples_consumed", step * self.global_batch)
+        # Dropout seeds derive from the count of forward passes (DeepSpeed's per-layer seeding):
+        # restoring it makes a resumed run draw the masks the uninterrupted run would have.
+        engine.module.micro_offset = client_state.get("micro_offset", 0)
+        self._start = (step, samples)
+        self._saved_at = step
+        if self.rank == 0:
+            self.log(f"resumed from {path} at step {step}, {samples} samples consumed")

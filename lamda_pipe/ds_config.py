@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # shipped with the package
@@ -80,14 +79,9 @@ def resolve_batch(ds: dict, data_parallel: int) -> BatchShape:
     return BatchShape(mbs, gas, data_parallel)
 
 
-def check_run(ds: dict, cfg: ModelConfig, *, pipe_stages: int, world_size: int, seq_len: int,
-              cuda_available: bool) -> BatchShape:
-    """Refuses, with one line each, what DeepSpeed would reject later or silently get wrong."""
-    if pipe_stages < 1:
-        raise ConfigError(f"--pipe-stages must be >= 1, got {pipe_stages}")
-    if pipe_stages > cfg.depth:
-        raise ConfigError(f"--pipe-stages {pipe_stages} is more than the model's {cfg.depth} blocks: "
-                          f"every stage needs at least one block; use --pipe-stages <= {cfg.depth}")
+def check_run(ds: dict, *, pipe_stages: int, world_size: int, cuda_available: bool) -> BatchShape:
+    """Refuses, with one line each, what DeepSpeed would reject later or silently get wrong.
+    (The flags' own rules, stage count and --seq-len among them, are RunConfig's.)"""
     if world_size % pipe_stages:
         raise ConfigError(f"--pipe-stages {pipe_stages} does not divide the world size {world_size}: "
                           f"launch a multiple of {pipe_stages} processes or change --pipe-stages")
@@ -97,9 +91,6 @@ def check_run(ds: dict, cfg: ModelConfig, *, pipe_stages: int, world_size: int, 
         raise ConfigError(f"ZeRO stage {zero_stage} cannot be combined with pipeline parallelism "
                           f"({pipe_stages} stage{'s' if pipe_stages > 1 else ''}; the model is always a pipeline): "
                           f'use ZeRO-1 with pipeline parallelism ("zero_optimization": {{"stage": 1}})')
-    if seq_len < 1 or seq_len > cfg.max_seq_len:
-        raise ConfigError(f"--seq-len {seq_len} is beyond the model's maximum of {cfg.max_seq_len}; "
-                          f"use --seq-len <= {cfg.max_seq_len} or a preset with a longer max_seq_len")
     fp16 = ds.get("fp16", {}).get("enabled", False)
     bf16 = ds.get("bf16", {}).get("enabled", False)
     if fp16 and bf16:

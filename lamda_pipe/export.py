@@ -9,84 +9,28 @@ An export dir holds
   "source_checkpoint" (the tag dir it came from) and "source_step";
 * tokenizer.json: a copy of the checkpoint's, when it has one.
 LaMDA.from_pretrained(DIR) loads it with safetensors alone. Nothing here unpickles: layer files
-are read with torch.load(weights_only=True) (pipeline.load_plain_model).
-
-`resolve` finds a model from any of the paths a user is likely to have at hand: a run dir, its
-checkpoints dir, one checkpoint (tag dir), or an export dir.
+are read with torch.load(weights_only=True) (weights.py). Which model a path means (a run dir,
+its checkpoints dir, one checkpoint or an export) is run_format.resolve_model's answer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, LaMDA, read_export_config
+from .run_format import RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file, num_layer_files, resolve_model
 
-from .checkpoint import RUN_INFO, CheckpointError
-
-# The names train.py writes (kept here rather than imported: train.py pulls in the data stack).
-CHECKPOINT_SUBDIR = "checkpoints"
-LATEST = "latest"
-TOKENIZER = "tokenizer.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def layer_file(layer_idx: int) -> str:
-    return f"layer_{layer_idx:02d}-model_states.pt"  # DeepSpeed's per-layer file (pipeline.py)
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "export" or "checkpoint"
-    path: Path  # the export dir, or the checkpoint's tag dir
-
-    @property
-    def tokenizer(self) -> Path | None:
-        p = self.path / TOKENIZER
-        return p if p.is_file() else None
-
-
-def resolve(path) -> Source:
-    """An export dir -> itself; a tag dir -> itself; a checkpoints dir -> the tag its `latest`
-    names; a run dir -> RUN/checkpoints' latest. Anything else: CheckpointError."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such directory; pass a run dir, its checkpoints/ dir, a checkpoint "
-                              f"(e.g. RUN/checkpoints/global_step200) or an export dir")
-    if not p.is_dir():
-        raise CheckpointError(f"{p} is a file; pass the directory that holds it")
-    if (p / EXPORT_WEIGHTS).is_file() and (p / EXPORT_CONFIG).is_file():
-        return Source("export", p)
-    if (p / LATEST).is_file():
-        return Source("checkpoint", _latest_tag(p))
-    if (p / CHECKPOINT_SUBDIR / LATEST).is_file():
-        return Source("checkpoint", _latest_tag(p / CHECKPOINT_SUBDIR))
-    if (p / RUN_INFO).is_file() or (p / layer_file(0)).is_file():
-        return Source("checkpoint", p)
-    if (p / CHECKPOINT_SUBDIR).is_dir():
-        raise CheckpointError(f"{p / CHECKPOINT_SUBDIR} has no '{LATEST}' file: no checkpoint of this run was "
-                              f"completed; pass a checkpoint dir (e.g. {p / CHECKPOINT_SUBDIR / 'global_step100'})")
-    raise CheckpointError(f"{p} holds no model: not a run dir (no {CHECKPOINT_SUBDIR}/{LATEST}), a checkpoints dir "
-                          f"(no {LATEST}), a checkpoint ({RUN_INFO}, {layer_file(0)}) or an export "
-                          f"({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
-
-
-def _latest_tag(ckpt_dir: Path) -> Path:
-    tag = (ckpt_dir / LATEST).read_text().strip()
-    if not tag or not (ckpt_dir / tag).is_dir():
-        raise CheckpointError(f"{ckpt_dir / LATEST} names checkpoint {tag!r}, which is not a directory there; pass "
-                              f"one of the checkpoint dirs in {ckpt_dir} directly")
-    return ckpt_dir / tag
-
-
-def source_config(src: Source) -> tuple[ModelConfig, int | None]:
+def model_config_at(src: ModelPath) -> tuple[ModelConfig, int | None]:
     """(model config, training step) without loading weights; for a checkpoint, also checks
     that every layer file is there."""
     if src.kind == "export":
@@ -95,42 +39,32 @@ def source_config(src: Source) -> tuple[ModelConfig, int | None]:
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(str(e)) from None
         return cfg, json.loads((src.path / EXPORT_CONFIG).read_text()).get("source_step")
-    info_file = src.path / RUN_INFO
-    if not info_file.is_file():
-        raise CheckpointError(f"checkpoint {src.path} has no {RUN_INFO}, so its model configuration is unknown "
-                              f"(an older ds_train.py did not write one); resume the run with the current ds_train.py "
+    record = RunRecord.read(src.path)
+    if record is None:
+        raise CheckpointError(f"checkpoint {src.path} has no {RUN_RECORD}, so its model configuration is unknown "
+                              f"(it was not written by lamda-pipe's trainer); resume the run with ds_train.py "
                               f"for one more step (--load ... --steps N+1) to get a checkpoint that has it")
-    try:
-        info = json.loads(info_file.read_text())
-        cfg = ModelConfig.from_dict(info["model_config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{info_file} has no usable model_config ({e}); the checkpoint was not written by "
-                              f"lamda-pipe's ds_train.py") from None
-    for i in range(cfg.depth + 2):  # embedding, blocks, final norm; the tied head has no file
+    for i in range(num_layer_files(record.model_config)):
         if not (src.path / layer_file(i)).is_file():
             raise CheckpointError(f"checkpoint {src.path} is incomplete: {layer_file(i)} is missing (an interrupted "
                                   f"save?); use an earlier checkpoint of the run")
-    step = info.get("global_steps")
-    if step is None:
-        m = re.fullmatch(r"global_step(\d+)", src.path.name)
-        step = int(m.group(1)) if m else None
-    return cfg, step
+    return record.model_config, record.global_steps
 
 
-def load_model(src: Source, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None) -> LaMDA:
+def load_model(src: ModelPath, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None) -> LaMDA:
     """The plain model of an export dir or checkpoint, in eval mode (checkpoints load as fp32)."""
     if src.kind == "export":
         try:
             return LaMDA.from_pretrained(src.path, device=device, dtype=dtype)
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(str(e)) from None
-    from .pipeline import load_plain_model  # imports DeepSpeed: only for checkpoints
+    from .weights import load_plain_model
 
     try:
         model = load_plain_model(src.path, cfg)
     except Exception as e:  # torch.load's and load_state_dict's errors do not name the checkpoint
         raise CheckpointError(f"could not rebuild the model from checkpoint {src.path} with the model_config of "
-                              f"its {RUN_INFO}: {str(e)[:500]}") from None
+                              f"its {RUN_RECORD}: {str(e)[:500]}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -160,9 +94,9 @@ def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32") ->
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     out = Path(out_dir)
-    source = resolve(src)
+    source = resolve_model(src)
     check_out(out, force)
-    cfg, step = source_config(source)  # before loading anything: an incomplete checkpoint fails here
+    cfg, step = model_config_at(source)  # before loading anything: an incomplete checkpoint fails here
     provenance = str(source.path.resolve())
     if source.kind == "export":  # re-exporting (e.g. to another dtype) keeps the original source
         meta = json.loads((source.path / EXPORT_CONFIG).read_text())

@@ -54,10 +54,11 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool, tokens_per_step: int, flops_per_token: int,
                  monitor=None, monitor_writes_loss_scale: bool = False, devices: int = 1,
-                 peak_tflops: float | None = None):
+                 peak_tflops: float | None = None, log_every: int = 1):
         """flops_per_token: the model's training FLOPs per token (config.flops_per_token);
         peak_tflops: one device's peak, for MFU = achieved FLOP/s / (devices x peak); None: no MFU."""
         self.enabled = enabled
+        self.log_every = log_every
         self.devices = devices
         self.peak_tflops = peak_tflops
         # DeepSpeed's monitor records the loss scale itself under fp16; otherwise we do.
@@ -71,6 +72,10 @@ class MetricsLogger:
             drop_partial_last_line(path)
             self._file = open(path, "a")
         self._mark: tuple[float, int] | None = None
+
+    def should_log(self, step: int, last_step: bool = False) -> bool:
+        """Every log_every steps and the last: the loss is read from the device only then."""
+        return last_step or step % self.log_every == 0
 
     def start(self, step: int) -> None:
         """Starts (or restarts, after an evaluation or a save) the throughput clock."""

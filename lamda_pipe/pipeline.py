@@ -15,38 +15,39 @@ no file of its own).
 
 Partitioning: stages balanced by compute
 ----------------------------------------
-Training splits the layers by their training FLOPs per token (``partition_method="flops"``,
-the default), not by block count: the embedding is a gather (~0), each block costs
+Training splits the layers by their training FLOPs per token (``--partition flops``, the
+default), not by block count: the embedding is a gather (~0), each block costs
 6 * block_param_count + 12 * heads * dim_head * seq_len (as in ``config.flops_per_token``),
 the final norm ~0, and the tied head h . E^T costs 6 * vocab * dim (the loss after it is small
-and not counted). The head thus weighs 1.6 blocks in ``debug`` and 1.6-2.3 in ``readme``;
-giving each stage the same number of blocks left the last stage the slowest (DeepSpeed's
-``type:BlockPipe``: 84% of 1F1B's ideal at m = 8 for ``readme``, 95-97% with the blocks split
-7 / 5; docs/benchmarks.md). The embedding is folded into the first block's weight and the norm
-and head into the last block's, then DeepSpeed's own ``partition_balanced`` splits the blocks,
-so every stage holds at least one block, the tied embedding stays on the first stage and the
-tied head on the last. (``partition_balanced`` minimises the gap between the heaviest and the
-lightest stage; for the presets at 2 and 4 stages that is also the split whose slowest stage
-is fastest, which tests/test_pipeline.py checks by brute force.) With 2 stages: ``debug``
-3 blocks | 1 block + head, ``readme`` 7 | 5 + head. Because the bounds depend on seq_len, a checkpoint records them
+and not counted). The head weighs between one and a half and two and a half blocks in the small
+presets, so giving each stage the same number of blocks leaves the last stage the slowest
+(docs/benchmarks.md, "Pipeline efficiency"). The embedding is folded into the first block's
+weight and the norm and head into the last block's, then DeepSpeed's own ``partition_balanced``
+splits the blocks, so every stage holds at least one block, the tied embedding stays on the
+first stage and the tied head on the last. (``partition_balanced`` minimises the gap between the
+heaviest and the lightest stage; for the presets at 2 and 4 stages that is also the split whose
+slowest stage is fastest, which tests/test_pipeline.py checks by brute force.) With 2 stages:
+``debug`` 3 blocks | 1 block + head, ``readme`` 7 | 5 + head.
+
+The bounds are computed once per run (``stage_bounds``, by a method of ``PARTITIONS``) and
+passed to ``build_pipeline``. Because they depend on seq_len, a checkpoint records them
 (``stage_bounds`` in lamda_run.json) and a resume with other bounds goes through the universal
 checkpoint, as a change of stage count does (ZeRO's optimizer state is stored per stage).
-Other ``partition_method`` values ("type:BlockPipe", "uniform", "parameters") are DeepSpeed's.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig, block_param_count
 from .attention import RelativePositionBuckets
-from .model import Block, LaMDA, TokenEmbedding, init_block_weights
+from .errors import ConfigError
+from .model import Block, TokenEmbedding, init_block_weights
 
 TIED_KEY = "embed"
 
@@ -94,10 +95,6 @@ def layer_specs(cfg: ModelConfig, attn_impl: str = "auto") -> list:
     ]
 
 
-FLOPS_PARTITION = "flops"
-LEGACY_PARTITION = "type:BlockPipe"  # what checkpoints without recorded bounds were trained with
-
-
 def layer_flops(cfg: ModelConfig, seq_len: int) -> list[int]:
     """Training FLOPs per token (forward + backward) of each pipeline layer, in layer order:
     embedding (a gather: 0), blocks, final norm (0), tied head. See config.flops_per_token."""
@@ -105,33 +102,47 @@ def layer_flops(cfg: ModelConfig, seq_len: int) -> list[int]:
     return [0, *[block] * cfg.depth, 0, 6 * cfg.vocab_size * cfg.dim]
 
 
+def _flops_bounds(cfg: ModelConfig, num_stages: int, seq_len: int) -> list:
+    weights = layer_flops(cfg, seq_len)
+    blocks = weights[1:cfg.depth + 1]
+    blocks[0] += weights[0]  # the embedding goes with the first block,
+    blocks[-1] += weights[-2] + weights[-1]  # the final norm and the head with the last
+    parts = partition_balanced(weights=blocks, num_parts=num_stages)  # over the blocks
+    return [0, *[p + 1 for p in parts[1:-1]], cfg.depth + 3]  # block b is layer b + 1
+
+
+def _block_count_bounds(cfg: ModelConfig, num_stages: int, seq_len: int) -> list:
+    # As PipelineModule._partition_layers does for "type:BlockPipe": blocks weigh 1, the rest 0.
+    return partition_balanced(weights=[0, *[1] * cfg.depth, 0, 0], num_parts=num_stages)
+
+
+def _uniform_bounds(cfg: ModelConfig, num_stages: int, seq_len: int) -> list:
+    return partition_uniform(num_items=cfg.depth + 3, num_parts=num_stages)
+
+
+# How layers are split into stages: name -> (cfg, num_stages, seq_len) -> bounds. The first is
+# the default; "type:BlockPipe" is DeepSpeed's method of that name, which every checkpoint that
+# predates recorded bounds used.
+PARTITIONS = {"flops": _flops_bounds, "type:BlockPipe": _block_count_bounds, "uniform": _uniform_bounds}
+FLOPS_PARTITION, LEGACY_PARTITION = "flops", "type:BlockPipe"
+
+
+def check_stage_count(cfg: ModelConfig, num_stages: int) -> None:
+    """Every stage needs a block: the one place this rule is checked."""
+    if not 1 <= num_stages <= cfg.depth:
+        raise ConfigError(f"--pipe-stages {num_stages} for a model of {cfg.depth} blocks: every stage needs at "
+                          f"least one block; use 1 <= --pipe-stages <= {cfg.depth}")
+
+
 def stage_bounds(cfg: ModelConfig, num_stages: int, seq_len: int | None = None,
                  method: str = FLOPS_PARTITION) -> list[int]:
-    """The first layer index of each stage, then the layer count (DeepSpeed's ``parts``).
-
-    "flops": balanced by ``layer_flops`` with every stage holding >= 1 block (see the module
-    docstring); "type:BlockPipe" and "uniform" reproduce DeepSpeed's methods of those names
-    (the former is what checkpoints without recorded bounds used). Plain ints throughout.
-    """
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
-    num_layers = cfg.depth + 3
-    if not 1 <= num_stages <= cfg.depth:
-        raise ValueError(f"{num_stages} pipeline stages for {cfg.depth} blocks: every stage needs a block")
-    if method == FLOPS_PARTITION:
-        weights = layer_flops(cfg, cfg.max_seq_len if seq_len is None else seq_len)
-        blocks = weights[1:cfg.depth + 1]
-        blocks[0] += weights[0]  # the embedding goes with the first block,
-        blocks[-1] += weights[-2] + weights[-1]  # the final norm and the head with the last
-        parts = partition_balanced(weights=blocks, num_parts=num_stages)  # over the blocks
-        return [0, *[int(p) + 1 for p in parts[1:-1]], num_layers]  # block b is layer b + 1
-    if method.lower() == LEGACY_PARTITION.lower():  # as PipelineModule._partition_layers does it
-        binary = [0, *[1] * cfg.depth, 0, 0]
-        return [int(p) for p in partition_balanced(weights=binary, num_parts=num_stages)]
-    if method == "uniform":
-        return [int(p) for p in partition_uniform(num_items=num_layers, num_parts=num_stages)]
-    raise ValueError(f"unknown partition method {method!r}; use {FLOPS_PARTITION!r}, {LEGACY_PARTITION!r} "
-                     f"or 'uniform'")
+    """The first layer index of each stage, then the layer count (DeepSpeed's ``parts``), by a
+    method of PARTITIONS (see the module docstring); seq_len defaults to the model's maximum.
+    Computed once per run and passed to build_pipeline; plain ints throughout."""
+    check_stage_count(cfg, num_stages)
+    if method not in PARTITIONS:
+        raise ConfigError(f"unknown partition method {method!r}; choose one of: {', '.join(PARTITIONS)}")
+    return [int(b) for b in PARTITIONS[method](cfg, num_stages, cfg.max_seq_len if seq_len is None else seq_len)]
 
 
 def describe_stages(cfg: ModelConfig, bounds: list[int], seq_len: int) -> str:
@@ -156,19 +167,15 @@ class LaMDAPipeline(PipelineModule):
 
     PipelineModule.__init__ calls ``_partition_layers`` once, before building any layer; what it
     must leave behind (deepspeed 0.19.8) is ``self.parts`` (read by ``stage_owner`` for the tied
-    modules, and by ``partitions()``) and this stage's slice through ``_set_bounds``. With
-    ``stage_bounds=None`` DeepSpeed partitions by ``partition_method`` as usual.
+    modules, and by ``partitions()``) and this stage's slice through ``_set_bounds``.
     """
 
-    def __init__(self, *args, stage_bounds: list[int] | None = None, **kwargs):
-        # Set before PipelineModule.__init__, which partitions as it constructs.
-        self._given_bounds = None if stage_bounds is None else [int(b) for b in stage_bounds]
+    def __init__(self, *args, stage_bounds: list[int], **kwargs):
+        self._given_bounds = [int(b) for b in stage_bounds]  # before PipelineModule.__init__ partitions
         super().__init__(*args, **kwargs)
 
     def _partition_layers(self, method="uniform"):
         bounds = self._given_bounds
-        if bounds is None:
-            return super()._partition_layers(method=method)
         if (len(bounds) != self.num_stages + 1 or bounds[0] != 0 or bounds[-1] != self._num_layers
                 or any(b >= c for b, c in zip(bounds, bounds[1:]))):
             raise ValueError(f"stage bounds {bounds} do not split {self._num_layers} layers into "
@@ -178,22 +185,15 @@ class LaMDAPipeline(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def build_pipeline(cfg: ModelConfig, num_stages: int, seed: int, activation_checkpoint_interval: int = 0,
-                   partition_method: str = FLOPS_PARTITION, attn_impl: str = "auto",
-                   seq_len: int | None = None) -> PipelineModule:
-    """Assembles the pipeline. Each layer is built and run under a seed derived from its
-    global index, so initialisation and dropout do not depend on the number of stages or on
-    where the stages are cut.
-
-    ``partition_method="flops"`` balances the stages' training FLOPs at ``seq_len`` (default:
-    the model's max_seq_len; training passes --seq-len); the bounds are ``net.parts``.
-    """
-    bounds = stage_bounds(cfg, num_stages, seq_len) if partition_method == FLOPS_PARTITION else None
+def build_pipeline(cfg: ModelConfig, bounds: list[int], seed: int, activation_checkpoint_interval: int = 0,
+                   attn_impl: str = "auto") -> PipelineModule:
+    """Assembles the pipeline split at ``bounds`` (from ``stage_bounds``; the stage count is
+    len(bounds) - 1). Each layer is built and run under a seed derived from its global index,
+    so initialisation and dropout do not depend on the number of stages or where they are cut."""
     module = LaMDAPipeline(
         layers=layer_specs(cfg, attn_impl),
-        num_stages=num_stages,
+        num_stages=len(bounds) - 1,
         loss_fn=lm_loss,
-        partition_method=LEGACY_PARTITION if bounds is not None else partition_method,  # unused with bounds
         stage_bounds=bounds,
         seed_layers=True,
         base_seed=seed,
@@ -215,57 +215,3 @@ def universal_checkpoint_info() -> dict:
         "parameter_to_average_patterns": [],
         "parameter_with_row_parallelism_patterns": [],
     }
-
-
-def layer_file_to_model_prefix(layer_idx: int, depth: int) -> str | None:
-    """Maps a pipeline layer index to its parameter prefix in the plain LaMDA model."""
-    if layer_idx == 0:
-        return "embed."
-    if 1 <= layer_idx <= depth:
-        return f"blocks.{layer_idx - 1}."
-    if layer_idx == depth + 1:
-        return "norm."
-    return None  # the tied head has no parameters of its own
-
-
-def load_plain_model(checkpoint_tag_dir, cfg: ModelConfig) -> LaMDA:
-    """Builds a plain LaMDA from the per-layer files of a pipeline checkpoint (any stage count).
-
-    Reads with weights_only=True: no pickled code is executed.
-    """
-    tag_dir = Path(checkpoint_tag_dir)
-    state = {}
-    for layer_idx in range(cfg.depth + 2):
-        path = tag_dir / f"layer_{layer_idx:02d}-model_states.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {tag_dir} is missing {path.name}")
-        prefix = layer_file_to_model_prefix(layer_idx, cfg.depth)
-        for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-            state[prefix + name] = tensor.float()
-    model = LaMDA(config=cfg)
-    model.load_state_dict(state)
-    return model
-
-
-def plain_name(pipeline_param: str, depth: int) -> str:
-    """'tied_modules.embed.weight' -> 'embed.weight'; '3.attn.qkv.weight' -> 'blocks.2.attn.qkv.weight'."""
-    if pipeline_param.startswith("tied_modules."):
-        return "embed." + pipeline_param.split(".", 2)[2]
-    idx, rest = pipeline_param.split(".", 1)
-    return layer_file_to_model_prefix(int(idx), depth) + rest
-
-
-def load_plain_state(net: PipelineModule, state: dict, depth: int) -> None:
-    """Copies a plain LaMDA state dict into this stage's part of the pipeline (before the engine
-    is built, so the optimizer starts from these weights)."""
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(state[plain_name(name, depth)])
-
-
-def read_plain_state(path: Path, cfg: ModelConfig) -> dict:
-    """Weights of an export dir (model.safetensors) or of a checkpoint folder (layer files)."""
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return load_file(str(path / "model.safetensors"))
-    return load_plain_model(path, cfg).state_dict()

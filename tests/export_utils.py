@@ -3,7 +3,6 @@ laid out as train.py writes one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,11 +21,13 @@ def train_tiny_tokenizer(path: Path, vocab: int = 300) -> Path:
 
 
 def write_run_info(tag_dir: Path, cfg: ModelConfig, step: int, tokenizer: Path | None) -> None:
-    """lamda_run.json (the keys export reads) and tokenizer.json, as train.py puts beside DeepSpeed's files."""
+    """The run record and tokenizer.json, as the trainer puts them beside DeepSpeed's files."""
+    from lamda_pipe.run_format import RUN_RECORD, RunRecord
+
     tag_dir.mkdir(parents=True, exist_ok=True)
-    info = {"model_preset": "test", "model_config": cfg.to_dict(), "pipe_stages": 2, "global_steps": step,
-            "samples_consumed": 0}
-    (tag_dir / "lamda_run.json").write_text(json.dumps(info))
+    record = RunRecord(model_preset="test", model_config=cfg, pipe_stages=2, data_parallel=1, global_steps=step,
+                       samples_consumed=0)
+    (tag_dir / RUN_RECORD).write_text(record.to_json())
     if tokenizer is not None:
         (tag_dir / "tokenizer.json").write_bytes(tokenizer.read_bytes())
 

@@ -5,12 +5,16 @@ import json
 import pytest
 import torch
 
-from lamda_pipe.checkpoint import (COMPLETE, RUN_INFO, CheckpointError, begin_save, commit_save,
-                                   expected_files, latest_tag_dir, validate)
-from lamda_pipe.metrics import drop_partial_last_line
+import dataclasses
 
-INFO = {"model_preset": "debug", "model_config": {"depth": 2}, "pipe_stages": 2, "data_parallel": 1,
-        "bf16": False}
+from lamda_pipe.checkpoint import begin_save, commit_save, validate
+from lamda_pipe.config import ModelConfig
+from lamda_pipe.errors import CheckpointError
+from lamda_pipe.metrics import drop_partial_last_line
+from lamda_pipe.run_format import COMPLETE, RUN_RECORD, RunRecord, latest_tag_dir
+
+INFO = RunRecord(model_preset="debug", model_config=ModelConfig(depth=2), pipe_stages=2, data_parallel=1,
+                 global_steps=0, samples_consumed=0)
 
 
 def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None):
@@ -18,18 +22,18 @@ def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None):
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
     tag = f"global_step{step}"
-    begin_save(ckpt_dir / tag, {**INFO, "global_steps": step}, tok)
-    for name in expected_files(INFO):
+    begin_save(ckpt_dir / tag, dataclasses.replace(INFO, global_steps=step), tok)
+    for name in INFO.expected_files():
         torch.save({"x": torch.arange(100) + step}, ckpt_dir / tag / name)
     return commit_save(ckpt_dir, tag, keep_last) if commit else []
 
 
 def test_expected_files_of_a_two_stage_checkpoint():
-    assert expected_files(INFO) == [
+    assert INFO.expected_files() == [
         "layer_00-model_states.pt", "layer_01-model_states.pt", "layer_02-model_states.pt",
         "layer_03-model_states.pt", "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
-    assert expected_files({**INFO, "bf16": True})[-1] == "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    assert dataclasses.replace(INFO, bf16=True).expected_files()[-1] == "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"
 
 
 def test_latest_moves_only_on_commit(tmp_path):
@@ -37,7 +41,7 @@ def test_latest_moves_only_on_commit(tmp_path):
     fake_save(ckpt, 2, tmp_path)
     fake_save(ckpt, 4, tmp_path, commit=False)  # killed before every rank had written
     assert latest_tag_dir(ckpt) == ckpt / "global_step2"
-    assert validate(ckpt / "global_step2")["global_steps"] == 2
+    assert validate(ckpt / "global_step2").global_steps == 2
     with pytest.raises(CheckpointError, match="incomplete"):
         validate(ckpt / "global_step4")
 
@@ -69,13 +73,13 @@ def test_damaged_checkpoints_are_named_and_left_alone(tmp_path):
     (tag / "layer_01-model_states.pt").unlink()
     with pytest.raises(CheckpointError, match="layer_01-model_states.pt is missing"):
         validate(tag)
-    (tag / RUN_INFO).write_text("{not json")
+    (tag / RUN_RECORD).write_text("{not json")
     with pytest.raises(CheckpointError, match="lamda_run.json is not valid JSON"):
         validate(tag)
     # the other checkpoint is untouched and still valid
-    assert validate(ckpt / "global_step2")["global_steps"] == 2
+    assert validate(ckpt / "global_step2").global_steps == 2
     (ckpt / "latest").write_text("global_step9")
-    with pytest.raises(CheckpointError, match="names 'global_step9', which does not exist"):
+    with pytest.raises(CheckpointError, match="names checkpoint 'global_step9', which is not a directory"):
         latest_tag_dir(ckpt)
 
 
@@ -85,7 +89,7 @@ def test_begin_save_clears_a_stale_marker(tmp_path):
     assert (ckpt / "global_step2" / COMPLETE).is_file()
     fake_save(ckpt, 2, tmp_path, commit=False)  # the same step saved again, killed half-way
     assert not (ckpt / "global_step2" / COMPLETE).is_file()
-    assert json.loads((ckpt / "global_step2" / RUN_INFO).read_text())["global_steps"] == 2
+    assert json.loads((ckpt / "global_step2" / RUN_RECORD).read_text())["global_steps"] == 2
 
 
 def test_metrics_file_cut_mid_line_is_repaired(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lamda_pipe.config import ModelConfig
-from lamda_pipe.export import CheckpointError, export_checkpoint, resolve
+from lamda_pipe.export import CheckpointError, export_checkpoint
+from lamda_pipe.run_format import resolve_model as resolve
 from lamda_pipe.model import LaMDA
 from lamda_pipe.data.tokenizer import load_tokenizer, vocab_size
 from tests.dist_utils import run_ranks
@@ -36,10 +37,10 @@ def train_save_eval(rank, cfg, ckpt_dir):
     import deepspeed
 
     from lamda_pipe.distributed import init_distributed
-    from lamda_pipe.pipeline import build_pipeline
+    from lamda_pipe.pipeline import build_pipeline, stage_bounds
 
     init_distributed()
-    net = build_pipeline(cfg, 2, seed=42)
+    net = build_pipeline(cfg, stage_bounds(cfg, 2), seed=42)
     ds = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": GAS, "steps_per_print": 10 ** 6,
           "zero_optimization": {"stage": 1},
           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}}}

@@ -40,10 +40,10 @@ def make_engine(stages: int, ckpt_interval: int = 0):
     import deepspeed
 
     from lamda_pipe.distributed import init_distributed
-    from lamda_pipe.pipeline import build_pipeline
+    from lamda_pipe.pipeline import build_pipeline, stage_bounds
 
     init_distributed()
-    net = build_pipeline(CFG, stages, seed=42, activation_checkpoint_interval=ckpt_interval)
+    net = build_pipeline(CFG, stage_bounds(CFG, stages), seed=42, activation_checkpoint_interval=ckpt_interval)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters()],
                                       config=ds_config())
     return engine
@@ -107,7 +107,7 @@ def make_reference_init():
 def test_plain_model_from_pipeline_checkpoint_matches_pipeline(two_stages):
     """The per-layer checkpoint files rebuild the plain LaMDA exactly: its loss on the next
     batch equals the 2-stage pipeline's eval loss on that batch."""
-    from lamda_pipe.pipeline import load_plain_model
+    from lamda_pipe.weights import load_plain_model
 
     results, ckpt = two_stages
     model = load_plain_model(ckpt / "t", CFG).eval()
@@ -124,7 +124,7 @@ def losses_with(rank, stages, ds_overrides, model_cfg, steps=STEPS, patch_fp16=F
     from deepspeed.accelerator import get_accelerator
 
     from lamda_pipe.distributed import init_distributed
-    from lamda_pipe.pipeline import build_pipeline
+    from lamda_pipe.pipeline import build_pipeline, stage_bounds
 
     if patch_fp16:
         # CPUs without AVX512-FP16 report no fp16 support; pretend, to run DeepSpeed's real
@@ -134,7 +134,7 @@ def losses_with(rank, stages, ds_overrides, model_cfg, steps=STEPS, patch_fp16=F
         acc.supported_dtypes = lambda: [torch.float, torch.half, torch.bfloat16]
     init_distributed()
     config = {**ds_config(), **ds_overrides}
-    net = build_pipeline(model_cfg, stages, seed=42,
+    net = build_pipeline(model_cfg, stage_bounds(model_cfg, stages), seed=42,
                          activation_checkpoint_interval=config.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=config)
     it = token_stream().iterate()

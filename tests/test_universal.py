@@ -106,20 +106,21 @@ def test_other_stage_bounds_converted(runs):
 
 def plan_for(run_dir, *flags, monkeypatch):
     """What ds_train.py decides before starting any process, for a 2-process launch."""
-    from lamda_pipe.train import build_parser, preflight
+    from lamda_pipe.run_config import RunConfig
+    from lamda_pipe.train import preflight
 
     for var in ("RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    return preflight(build_parser().parse_args(["--run-dir", str(run_dir), "--resume", "auto", *flags]))
+    return preflight(RunConfig.from_argv(["--run-dir", str(run_dir), "--resume", "auto", *flags]))
 
 
 def test_resume_converts_exactly_when_the_bounds_differ(runs, monkeypatch):
     reference = plan_for(runs / "reference", monkeypatch=monkeypatch)  # recorded [0, 4, 7]
-    assert (reference.resume_bounds, reference.change_layout) == ([0, 4, 7], False)
+    assert (reference.resume.saved_layout.stage_bounds, reference.resume.change_layout) == ((0, 4, 7), False)
     other = plan_for(runs / "reference", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
-    assert (other.stage_bounds, other.change_layout) == ([0, 3, 7], True)
+    assert (other.bounds, other.resume.change_layout) == ((0, 3, 7), True)
     old = plan_for(runs / "two_stages", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
-    assert (old.resume_bounds, old.change_layout) == ([0, 3, 7], False)  # no record: type:BlockPipe's
-    assert plan_for(runs / "two_stages", monkeypatch=monkeypatch).change_layout
+    assert (old.resume.saved_layout.stage_bounds, old.resume.change_layout) == ((0, 3, 7), False)  # no record: type:BlockPipe's
+    assert plan_for(runs / "two_stages", monkeypatch=monkeypatch).resume.change_layout

@@ -77,7 +77,8 @@ def _run(argv) -> int:
     import torch
 
     from ..config import param_count
-    from ..export import CheckpointError, load_model, resolve, source_config
+    from ..export import CheckpointError, load_model, model_config_at
+    from ..run_format import resolve_model
     from ..model import AutoregressiveWrapper
     from ..data.tokenizer import load_tokenizer, special_ids, vocab_size
 
@@ -85,8 +86,8 @@ def _run(argv) -> int:
     _check_args(args)
     device = _device(args.device)
     try:
-        source = resolve(args.model)
-        cfg, step = source_config(source)
+        source = resolve_model(args.model)
+        cfg, step = model_config_at(source)
     except CheckpointError as e:
         raise DataError(f"--model {e}") from None
     tok_path = args.tokenizer or source.tokenizer

@@ -1,0 +1,132 @@
+"""The flags of ds_train.py as one typed, frozen configuration.
+
+Each field carries its flag's help text and, where the values come from a registry, the
+registry itself (presets, partition methods, attention kernels), so the command line, the
+defaults and the checks cannot drift apart. ``RunConfig.from_argv`` parses once; every rule
+that needs only the flags (and the preset they name) is checked in ``__post_init__``, one
+place per rule. Rules that need the machine or the files (GPU present, world size, DeepSpeed
+JSON, data dirs, checkpoints) are checked by ``train.preflight``, still before any process
+group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import PRESETS, ModelConfig, get_preset
+from .errors import ConfigError
+
+
+def _flag(default, help: str, *, type=None, choices=None, metavar=None, name: str | None = None):
+    """A field that is also a command-line flag (--field-name unless `name` is given)."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "metavar": metavar,
+                                            "name": name})
+
+
+def _partitions() -> tuple[str, ...]:
+    from .pipeline import PARTITIONS  # imports DeepSpeed, as parsing does anyway
+    return tuple(PARTITIONS)
+
+
+def _attention_kernels() -> tuple[str, ...]:
+    from .attention import ATTN_IMPLS
+    return tuple(ATTN_IMPLS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = _flag("debug", "model preset (lamda_pipe/config.py)", choices=lambda: tuple(PRESETS))
+    pipe_stages: int = _flag(2, "pipeline stages (divides the world size)", type=int)
+    partition: str = _flag("flops", "how layers are split into stages: flops (balance training FLOPs per token at "
+                           "--seq-len), type:BlockPipe (as many blocks per stage) or uniform (DeepSpeed's)",
+                           choices=_partitions)
+    steps: int = _flag(200, "train until this many optimizer steps in total", type=int)
+    seq_len: int | None = _flag(None, "tokens per sample (default: the preset's max)", type=int)
+    run_dir: Path = _flag(Path("runs/demo"), "metrics.jsonl, TensorBoard events, checkpoints/ and data cache go here",
+                          type=Path)
+    data: str | None = _flag(None, "a dir written by lamda-prepare-data, or a mixture 'DIR_A:0.5,DIR_B:0.25'; "
+                             "default: the bundled corpus, prepared into RUN_DIR/data")
+    vocab_size: int | None = _flag(None, "override the preset's vocabulary size (e.g. to fit an existing tokenizer)",
+                                   type=int)
+    load: Path | None = _flag(None, "resume from the latest checkpoint in this directory (e.g. RUN_DIR/checkpoints)",
+                              type=Path)
+    resume: str | None = _flag(None, "auto: resume from RUN_DIR/checkpoints if it holds a checkpoint, else start; "
+                               "a requeued job just reruns the same command", choices=lambda: ("auto",))
+    init_from: Path | None = _flag(None, "start a new run from the weights of a checkpoint (dir) or an export, with "
+                                   "a fresh optimizer and step count: the basis of fine-tuning", type=Path)
+    save_every: int = _flag(100, "save a checkpoint every N steps (and at the end)", type=int)
+    keep_last: int | None = _flag(None, "keep only the newest N checkpoints", type=int)
+    eval_every: int = _flag(50, "validation loss every N steps (0: never)", type=int)
+    eval_iters: int = _flag(2, "batches per validation", type=int)
+    log_every: int = _flag(10, "log training metrics every N steps", type=int)
+    seed: int = _flag(1234, "model init, dropout and data order", type=int)
+    attention: str = _flag("auto", "attention kernel (lamda_pipe/attention.py): auto picks per device and length",
+                           choices=_attention_kernels)
+    peak_tflops: float | None = _flag(None, "peak TFLOP/s of one device, for the MFU in the logs (default: the bf16 "
+                                      "peak of a known GPU: A100, H100, H200; none on CPU)", type=float)
+    sample_prompt: str = _flag("And God said", "prompt for the sample printed at the end")
+    sample_tokens: int = _flag(48, "tokens to sample at the end (0: no sample)", type=int)
+    deepspeed_config: Path | None = _flag(None, "DeepSpeed JSON (default: lamda_pipe/ds_configs/ by hardware)",
+                                          type=Path, name="--deepspeed_config")
+    local_rank: int = _flag(-1, "set by the deepspeed launcher", type=int, name="--local_rank")
+
+    def __post_init__(self):
+        cfg = self.model_config  # an unknown preset or a bad --vocab-size fails here
+        if self.seq_len is None:
+            object.__setattr__(self, "seq_len", cfg.max_seq_len)  # resolved once, at construction
+        for name in ("steps", "save_every", "log_every", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval-every must be >= 0 (0: never), got {self.eval_every}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"--keep-last must be >= 1, got {self.keep_last}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
+        if self.sample_tokens < 0:
+            raise ConfigError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if not 1 <= self.seq_len <= cfg.max_seq_len:
+            raise ConfigError(f"--seq-len {self.seq_len} is outside 1..{cfg.max_seq_len}, the model's maximum; "
+                              f"use --seq-len <= {cfg.max_seq_len} or a preset with a longer max_seq_len")
+        if self.load is not None and self.resume:
+            raise ConfigError("give either --load DIR or --resume auto, not both")
+        if self.init_from is not None and (self.load is not None or self.resume):
+            raise ConfigError("--init-from starts a new run; it cannot be combined with --load or --resume")
+        if self.attention == "flex" and cfg.dropout > 0:
+            raise ConfigError(f"--attention flex has no attention dropout and the model's dropout is {cfg.dropout}; "
+                              f"use --attention auto or sdpa")
+        from .pipeline import check_stage_count
+        check_stage_count(cfg, self.pipe_stages)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        cfg = get_preset(self.model)
+        return cfg if self.vocab_size is None else cfg.replace(vocab_size=self.vocab_size)
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(
+            prog="ds_train.py",
+            description="Pre-train a LaMDA-style model with DeepSpeed pipeline parallelism. Launch with deepspeed, "
+                        "torchrun or srun; the defaults train the `debug` preset on the bundled corpus with 2 "
+                        "pipeline stages.")
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            kwargs = {"default": f.default, "help": m["help"]}
+            if m["type"] is not None:
+                kwargs["type"] = m["type"]
+            if m["choices"] is not None:
+                kwargs["choices"] = m["choices"]()
+            p.add_argument(m["name"] or f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+        # DeepSpeed's own launcher conventions (--deepspeed, --deepscale...): accepted, unused.
+        p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+        return p
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None) -> "RunConfig":
+        ns = vars(cls.parser().parse_args(argv))
+        ns.pop("deepspeed")
+        return cls(**ns)

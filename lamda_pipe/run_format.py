@@ -1,0 +1,185 @@
+"""What a run leaves on disk, named once: the checkpoint layout, the run record, and the one
+answer to "which model is at this path".
+
+    RUN_DIR/
+      checkpoints/                   CHECKPOINTS
+        latest                       LATEST: the tag of the newest complete checkpoint
+        global_step200/              tag_for(200)
+          lamda_complete             COMPLETE: written once every rank has saved
+          lamda_run.json             RUN_RECORD: a RunRecord, the checkpoint's self-description
+          tokenizer.json             TOKENIZER
+          layer_00-model_states.pt   layer_file(i): DeepSpeed's per-layer weights
+          mp_rank_00_model_states.pt, ..._optim_states.pt   DeepSpeed's per-stage state
+        global_step200_universal/    the same converted for another layout (checkpoint.py)
+      metrics.jsonl, TensorBoard events, data/
+
+An export dir (export.py) holds model.safetensors, config.json and tokenizer.json.
+
+The run record is versioned. Version 1 is the layout lamda-pipe 0.1.0 wrote without a version
+key; a reader accepts every version up to its own and refuses a newer one with a message,
+so an old trainer never half-reads a record it does not understand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "lamda_complete"
+RUN_RECORD = "lamda_run.json"
+TOKENIZER = "tokenizer.json"
+UNIVERSAL_SUFFIX = "_universal"
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int | None:
+    """The step a checkpoint folder name stands for; None for anything else (e.g. _universal)."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def layer_file(layer_idx: int) -> str:
+    """DeepSpeed's per-layer weights file; pipeline.py's docstring gives the layer indices."""
+    return f"layer_{layer_idx:02d}-model_states.pt"
+
+
+def num_layer_files(cfg: ModelConfig) -> int:
+    return cfg.depth + 2  # embedding, blocks, final norm; the tied head has no file of its own
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A checkpoint's self-description (lamda_run.json): enough to check a resume before any
+    process starts, to rebuild the plain model, and to continue the data where it stopped."""
+
+    VERSION = 1  # class constant, not a field: the version this code writes and reads up to
+
+    model_preset: str
+    model_config: ModelConfig
+    pipe_stages: int
+    data_parallel: int
+    global_steps: int
+    samples_consumed: int  # the data position: the next sample is this one
+    stage_bounds: tuple[int, ...] | None = None  # None: written before bounds were recorded
+    partition: str | None = None
+    bf16: bool = False
+    seq_len: int | None = None
+    micro_offset: int = 0  # forward passes so far: DeepSpeed's per-layer dropout seeds follow it
+    data: str | None = None
+    tokenizer_sha256: str | None = None
+    ds_config: dict | None = None
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["model_config"] = self.model_config.to_dict()
+        d["stage_bounds"] = None if self.stage_bounds is None else list(self.stage_bounds)
+        return json.dumps({"format_version": self.VERSION, **d}, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = RUN_RECORD) -> "RunRecord":
+        fix = "the checkpoint was not written by lamda-pipe's trainer, or is damaged; use an earlier one"
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where} holds a JSON {type(d).__name__}, not an object; {fix}")
+        d = dict(d)
+        version = d.pop("format_version", 1)  # 0.1.0 wrote no version: that layout is version 1
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise CheckpointError(f"{where} has format_version {version!r}, newer than this lamda-pipe reads "
+                                  f"({cls.VERSION}); upgrade lamda-pipe to load it")
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}  # keys a newer minor writer added
+        try:
+            d["model_config"] = ModelConfig.from_dict(d["model_config"])
+            if d.get("stage_bounds") is not None:
+                d["stage_bounds"] = tuple(int(b) for b in d["stage_bounds"])
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} is not a usable run record ({type(e).__name__}: {e}); {fix}") from None
+
+    @classmethod
+    def read(cls, tag_dir: Path) -> "RunRecord | None":
+        """The record of a checkpoint folder; None when there is none (another tool's checkpoint)."""
+        path = Path(tag_dir) / RUN_RECORD
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; resume from an "
+                                  f"earlier one (edit {Path(tag_dir).parent / LATEST}) or start a new "
+                                  f"--run-dir") from None
+        return cls.from_dict(d, where=str(path))
+
+    def expected_files(self) -> list[str]:
+        """DeepSpeed's files for a pipeline checkpoint of this layout (names as in deepspeed 0.16+)."""
+        prefix = "bf16_" if self.bf16 else ""
+        files = [layer_file(i) for i in range(num_layer_files(self.model_config))]
+        files += [f"mp_rank_{s:02d}_model_states.pt" for s in range(self.pipe_stages)]
+        files += [f"{prefix}zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt"
+                  for s in range(self.pipe_stages) for r in range(self.data_parallel)]
+        return files
+
+
+def latest_tag_dir(ckpt_dir: Path) -> Path | None:
+    """The folder `latest` names, or None when there is no `latest` at all."""
+    latest = Path(ckpt_dir) / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag or not (Path(ckpt_dir) / tag).is_dir():
+        raise CheckpointError(f"{latest} names checkpoint {tag!r}, which is not a directory in {ckpt_dir}; point "
+                              f"`latest` at one of the complete checkpoints there (or pass one directly), or "
+                              f"start a new --run-dir")
+    return Path(ckpt_dir) / tag
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """Where a model is: an export dir or one checkpoint (tag dir)."""
+
+    kind: str  # "export" or "checkpoint"
+    path: Path
+
+    @property
+    def tokenizer(self) -> Path | None:
+        p = self.path / TOKENIZER
+        return p if p.is_file() else None
+
+
+def resolve_model(path) -> ModelPath:
+    """The model a user means by a path: an export dir or a checkpoint (tag) dir -> itself; a
+    checkpoints dir -> the tag its `latest` names; a run dir -> its checkpoints' latest.
+    Used by --init-from, lamda-export and lamda-generate."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such directory; pass a run dir, its {CHECKPOINTS}/ dir, a checkpoint "
+                              f"(e.g. RUN/{CHECKPOINTS}/{tag_for(200)}) or an export dir")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file; pass the directory that holds it")
+    if (p / EXPORT_WEIGHTS).is_file() and (p / EXPORT_CONFIG).is_file():
+        return ModelPath("export", p)
+    for ckpt_dir in (p, p / CHECKPOINTS):
+        tag_dir = latest_tag_dir(ckpt_dir)
+        if tag_dir is not None:
+            return ModelPath("checkpoint", tag_dir)
+    if (p / RUN_RECORD).is_file() or (p / layer_file(0)).is_file():
+        return ModelPath("checkpoint", p)
+    if (p / CHECKPOINTS).is_dir():
+        raise CheckpointError(f"{p / CHECKPOINTS} has no '{LATEST}' file: no checkpoint of this run was "
+                              f"completed; pass a checkpoint dir (e.g. {p / CHECKPOINTS / tag_for(100)})")
+    raise CheckpointError(f"{p} holds no model: not a run dir (no {CHECKPOINTS}/{LATEST}), a checkpoints dir "
+                          f"(no {LATEST}), a checkpoint ({RUN_RECORD}, {layer_file(0)}) or an export "
+                          f"({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
