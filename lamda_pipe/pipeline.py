@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig, block_param_count
-from .attention import RelativePositionBuckets
+from .attention import AttentionSetting, PositionCache
 from .model import Block, LaMDA, TokenEmbedding, init_block_weights
 
 TIED_KEY = "embed"
@@ -54,13 +54,14 @@ TIED_KEY = "embed"
 class BlockPipe(Block):
     """A block whose single input and output is the hidden state (the stage protocol)."""
 
-    def __init__(self, cfg: ModelConfig, buckets: RelativePositionBuckets):
+    def __init__(self, cfg: ModelConfig, positions: PositionCache, setting: AttentionSetting):
         super().__init__(cfg)
         init_block_weights(self, cfg)
-        self._buckets = buckets  # shared by the blocks of this stage; not a module or parameter
+        # shared by the blocks of this stage; neither is a module or parameter
+        self._positions, self._attention = positions, setting
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden, self._buckets)
+        return super().forward(hidden, self._positions, self._attention)
 
 
 class FinalNorm(nn.RMSNorm):
@@ -84,11 +85,12 @@ def int_seed_fn(seed) -> None:
     set_random_seed(int(seed))
 
 
-def layer_specs(cfg: ModelConfig, attn_impl: str = "auto") -> list:
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, attn_impl)
+def layer_specs(cfg: ModelConfig, attention: str = "auto") -> list:
+    """attention: the attention kernel, one of ATTENTION_CHOICES (lamda_pipe/attention.py)."""
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting(attention)
     return [
         TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, tied_weight_attr="weight"),
-        *[LayerSpec(BlockPipe, cfg, buckets) for _ in range(cfg.depth)],
+        *[LayerSpec(BlockPipe, cfg, positions, setting) for _ in range(cfg.depth)],
         LayerSpec(FinalNorm, cfg),
         TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, forward_fn=tied_head, tied_weight_attr="weight"),
     ]
@@ -179,7 +181,7 @@ class LaMDAPipeline(PipelineModule):
 
 
 def build_pipeline(cfg: ModelConfig, num_stages: int, seed: int, activation_checkpoint_interval: int = 0,
-                   partition_method: str = FLOPS_PARTITION, attn_impl: str = "auto",
+                   partition_method: str = FLOPS_PARTITION, attention: str = "auto",
                    seq_len: int | None = None) -> PipelineModule:
     """Assembles the pipeline. Each layer is built and run under a seed derived from its
     global index, so initialisation and dropout do not depend on the number of stages or on
@@ -190,7 +192,7 @@ def build_pipeline(cfg: ModelConfig, num_stages: int, seed: int, activation_chec
     """
     bounds = stage_bounds(cfg, num_stages, seq_len) if partition_method == FLOPS_PARTITION else None
     module = LaMDAPipeline(
-        layers=layer_specs(cfg, attn_impl),
+        layers=layer_specs(cfg, attention),
         num_stages=num_stages,
         loss_fn=lm_loss,
         partition_method=LEGACY_PARTITION if bounds is not None else partition_method,  # unused with bounds

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, param_count
+from .attention_kernels import ATTENTION_CHOICES
 from .data.loader import open_sources
 from .checkpoint import latest_tag_dir, validate
 from .errors import EXIT_BAD_INPUT, ConfigError, UsageError
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-iters", type=int, default=2, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                    help="attention kernel: sdpa (materialised bias), flex (FlexAttention, CUDA, no attention "
                         "dropout) or auto (flex on CUDA from 2048 tokens); see lamda_pipe/attention.py")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -229,7 +230,7 @@ def train(args, plan: Plan) -> int:
         dist.barrier()
         sources = open_sources(str(data_dir), model_vocab=cfg.vocab_size, seq_len=args.seq_len)
 
-    net = build_pipeline(cfg, args.pipe_stages, args.seed, attn_impl=args.attention, seq_len=args.seq_len,
+    net = build_pipeline(cfg, args.pipe_stages, args.seed, attention=args.attention, seq_len=args.seq_len,
                          partition_method=args.partition,
                          activation_checkpoint_interval=ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     if list(net.parts) != plan.stage_bounds:  # preflight decided resume conversion on these bounds
@@ -373,7 +374,7 @@ def print_sample(ckpt_dir: Path, cfg: ModelConfig, source, args) -> None:
     """Rebuilds the plain model from the checkpoint just written and samples from it."""
     import torch
 
-    from .model import AutoregressiveWrapper
+    from .generation import AutoregressiveWrapper
     from .pipeline import load_plain_model
 
     if param_count(cfg) > SAMPLE_MAX_PARAMS:

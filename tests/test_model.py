@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig, param_count, relative_position_bucket
-from lamda_pipe.attention import FLEX_MIN_SEQ_LEN
-from lamda_pipe.attention_kernels import _BandBiasGrad
-from lamda_pipe.model import Attention, RelativePositionBuckets, top_k_filter
+import lamda_pipe.attention_kernels as kernels_mod
+from lamda_pipe.attention import ATTENTION_CHOICES, AttentionSetting, PositionCache
+from lamda_pipe.attention_kernels import FLEX_MIN_SEQ_LEN, _BandBiasGrad, select_kernel
+from lamda_pipe.generation import top_k_filter
+from lamda_pipe.model import Attention
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,8 +115,8 @@ def test_attention_matches_naive_forward_and_grads(cfg, t):
     g_out = torch.randn(2, t, cfg.dim)  # a non-trivial upstream gradient
     params = [attn.qkv.weight, attn.rel_bias.weight, attn.out.weight]
 
-    y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
-    assert bool(attn._bias_cache) == (t > 2 * cfg.max_distance)  # which path ran
+    y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
+    assert bool(attn._kernel_cache) == (t > 2 * cfg.max_distance)  # which path ran
     y_ref = _naive_forward(attn, cfg, x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
@@ -131,13 +133,13 @@ def test_attention_kv_cache_decoding_matches_naive(cfg):
     attn = _make_attention(cfg)
     torch.manual_seed(2)
     x = torch.randn(2, 40, cfg.dim)
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting()
     cache = {}
     with torch.no_grad():
-        y_prefix = attn(x[:, :30], buckets, cache)
+        y_prefix = attn(x[:, :30], positions, setting, cache)
         assert cache["k"].shape == (2, cfg.heads, 30, cfg.dim_head)
-        y_chunk = attn(x[:, 30:37], buckets, cache)  # 7 queries against 37 keys
-        y_one = attn(x[:, 37:38], buckets, cache)  # 1 query against 38 keys
+        y_chunk = attn(x[:, 30:37], positions, setting, cache)  # 7 queries against 37 keys
+        y_one = attn(x[:, 37:38], positions, setting, cache)  # 1 query against 38 keys
         ref_full = _naive_forward(attn, cfg, x[:, :38])
         ref_chunk = _naive_forward(attn, cfg, x[:, :37], q_from=30)  # the oracle's own Tq < Tk path
     torch.testing.assert_close(y_prefix, ref_full[:, :30], atol=1e-5, rtol=1e-5)
@@ -151,16 +153,16 @@ def test_attention_kv_cache_decoding_matches_naive(cfg):
 def test_flex_attention_matches_naive_forward(cfg, t):
     """The FlexAttention path (bias by distance in a score_mod, causal block mask) against the
     oracle. CPU runs flex's eager forward only (torch has no flex backward on CPU); the backward
-    and the compiled kernels are checked against the same oracle on CUDA by bench/gpu.py.
+    and the compiled kernels are checked against the same oracle on CUDA by tests/test_cuda.py.
     T=200 spans two 128-wide mask tiles, one of them partly masked and partly filled."""
     attn = _make_attention(cfg)
     torch.manual_seed(5)
     x = torch.randn(2, t, cfg.dim)
-    flex = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, impl="flex")
+    positions = PositionCache(cfg.num_buckets, cfg.max_distance)
     with torch.no_grad():
-        y = attn(x, flex)
+        y = attn(x, positions, AttentionSetting("flex"))
         y_ref = _naive_forward(attn, cfg, x)
-    assert list(flex._flex) == [(t, "cpu")]  # the flex path ran
+    assert list(positions._flex) == [(t, "cpu")]  # the flex path ran
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -190,9 +192,9 @@ def test_band_bias_gradient_matches_autograd(t, num_buckets, max_distance):
 def test_causal_bias_gradient_matches_plain_gather(tq, tk):
     """The masked-bias path's (CUDA sdpa, dropout, decoding) custom backward (diagonal sums)
     against autograd through a plain gather + masked_fill."""
-    from lamda_pipe.attention import _CausalBias
+    from lamda_pipe.attention_kernels import _CausalBias
 
-    idx, causal = RelativePositionBuckets(32, 128).get(tq, tk, torch.device("cpu"))
+    idx, causal = PositionCache(32, 128).get(tq, tk, torch.device("cpu"))
     g = torch.Generator().manual_seed(tq)
     table = torch.randn(32, 4, generator=g, dtype=torch.float64, requires_grad=True)
     gout = torch.randn(4, tq, tk, generator=g, dtype=torch.float64)
@@ -209,7 +211,7 @@ def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
     the bucket gather on and below the diagonal, zero above; rewritten in place for a new table."""
     from lamda_pipe.attention_kernels import causal_bias_matrix
 
-    idx, causal = RelativePositionBuckets(num_buckets, max_distance).get(t, t, torch.device("cpu"))
+    idx, causal = PositionCache(num_buckets, max_distance).get(t, t, torch.device("cpu"))
     g = torch.Generator().manual_seed(t)
     out = None
     for _ in range(2):  # the second table reuses the first matrix
@@ -225,46 +227,115 @@ def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
 def test_cpu_bias_cache_rebuilt_only_when_the_table_changes():
     cfg = TINY_FEW_BUCKETS  # T=64 > 2 x max_distance: the CPU flash path
     attn = _make_attention(cfg)
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting()
     x = torch.randn(2, 64, cfg.dim)
-    attn(x, buckets).sum().backward()
-    (first, _, _), = attn._bias_cache.values()
+    attn(x, positions, setting).sum().backward()
+    (first, _, _), = attn._kernel_cache.values()
     version = first._version
-    attn(x, buckets).sum().backward()  # same table: the same matrix, untouched
+    attn(x, positions, setting).sum().backward()  # same table: the same matrix, untouched
     assert first._version == version
     attn.rel_bias.weight.data.add_(1.0)  # as optimizers write: through .data, no version bump
-    y = attn(x, buckets)
-    (again, _, _), = attn._bias_cache.values()
+    y = attn(x, positions, setting)
+    (again, _, _), = attn._kernel_cache.values()
     assert again is first and first._version > version  # rewritten in place for the new table
     torch.testing.assert_close(y, _naive_forward(attn, cfg, x), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_kernel_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = RelativePositionBuckets(32, 128)
-    assert not auto.use_flex(cpu, 4096, True, False)  # CPU: sdpa
-    assert auto.use_flex(cuda, FLEX_MIN_SEQ_LEN, True, False)  # CUDA training / prefill: flex ...
-    assert not auto.use_flex(cuda, FLEX_MIN_SEQ_LEN - 1, True, False)  # ... from the measured length on
-    assert not auto.use_flex(cuda, 4096, True, True)  # attention dropout: sdpa
-    assert not auto.use_flex(cuda, 4096, False, False)  # KV-cache decoding: sdpa
-    assert not RelativePositionBuckets(32, 128, "sdpa").use_flex(cuda, 4096, True, False)
-    forced = RelativePositionBuckets(32, 128, "flex")
-    assert forced.use_flex(cpu, 16, True, False) and not forced.use_flex(cpu, 16, False, False)
-    with pytest.raises(ValueError, match="no attention dropout"):
-        forced.use_flex(cpu, 16, True, True)
-    with pytest.raises(ValueError, match="choose one of: auto, sdpa, flex"):
-        RelativePositionBuckets(32, 128, "flash")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+MAXD = 128  # cpu_flash pays off from T > 2 * MAXD = 256
+
+
+@pytest.mark.parametrize("asked,device,tq,tk,dropout,has_flash,expect", [
+    # "sdpa" (and "auto" off CUDA): cpu_flash for CPU full sequences longer than 2 x max_distance
+    ("sdpa", CPU, 257, 257, False, True, "cpu_flash"),
+    ("sdpa", CPU, 256, 256, False, True, "sdpa"),  # T = 2 x max_distance: not yet
+    ("sdpa", CPU, 4096, 4096, False, False, "sdpa"),  # torch without the CPU flash op
+    ("sdpa", CPU, 4096, 4096, True, True, "sdpa"),  # attention dropout
+    ("sdpa", CPU, 1, 4096, False, True, "sdpa"),  # KV-cache decoding
+    ("sdpa", CPU, 300, 4096, False, True, "sdpa"),  # a chunk against the cache
+    ("sdpa", CUDA, 4096, 4096, False, True, "sdpa"),  # CUDA: never flex unless asked or auto
+    ("auto", CPU, 257, 257, False, True, "cpu_flash"),
+    ("auto", CPU, 256, 256, False, True, "sdpa"),
+    ("auto", CPU, 4096, 4096, False, False, "sdpa"),
+    # "auto" on CUDA: flex for full sequences from FLEX_MIN_SEQ_LEN on without dropout
+    ("auto", CUDA, FLEX_MIN_SEQ_LEN, FLEX_MIN_SEQ_LEN, False, True, "flex"),
+    ("auto", CUDA, FLEX_MIN_SEQ_LEN - 1, FLEX_MIN_SEQ_LEN - 1, False, True, "sdpa"),
+    ("auto", CUDA, 4096, 4096, True, True, "sdpa"),  # attention dropout
+    ("auto", CUDA, 1, 4096, False, True, "sdpa"),  # KV-cache decoding
+    ("auto", CUDA, 4096, 8192, False, True, "sdpa"),
+    # "flex" asked: every full sequence, any device and length; decoding falls back to the sdpa rules
+    ("flex", CPU, 16, 16, False, True, "flex"),
+    ("flex", CUDA, 16, 16, False, True, "flex"),
+    ("flex", CPU, 1, 16, False, True, "sdpa"),
+    ("flex", CPU, 1, 4096, True, True, "sdpa"),  # decoding with dropout: no error, sdpa
+    # "cpu_flash" asked: wherever it can run, at any length; sdpa where it cannot
+    ("cpu_flash", CPU, 16, 16, False, True, "cpu_flash"),
+    ("cpu_flash", CPU, 4096, 4096, False, False, "sdpa"),
+    ("cpu_flash", CPU, 300, 300, True, True, "sdpa"),
+    ("cpu_flash", CPU, 1, 300, False, True, "sdpa"),
+    ("cpu_flash", CUDA, 4096, 4096, False, True, "sdpa"),
+])
+def test_select_kernel(monkeypatch, asked, device, tq, tk, dropout, has_flash, expect):
+    monkeypatch.setattr(kernels_mod, "HAS_CPU_FLASH", has_flash)
+    assert select_kernel(asked, device, tq, tk, dropout, max_distance=MAXD) == expect
+
+
+def test_select_kernel_threshold_follows_max_distance():
+    assert select_kernel("sdpa", CPU, 41, 41, False, max_distance=20) == "cpu_flash"
+    assert select_kernel("sdpa", CPU, 40, 40, False, max_distance=20) == "sdpa"
+
+
+def test_select_kernel_refuses_flex_with_dropout_and_unknown_names():
+    for device in (CPU, CUDA):
+        with pytest.raises(ValueError, match="has no attention dropout"):
+            select_kernel("flex", device, 16, 16, True, max_distance=MAXD)
+    assert ATTENTION_CHOICES == ("auto", "flex", "cpu_flash", "sdpa")
+    message = "choose one of: auto, flex, cpu_flash, sdpa"
+    with pytest.raises(ValueError, match=message):
+        select_kernel("flash", CPU, 16, 16, False, max_distance=MAXD)
+    with pytest.raises(ValueError, match=message):
+        AttentionSetting("flash")
+    with pytest.raises(ValueError, match=message):
+        LaMDA(config=TINY, attention="flash")
+    with pytest.raises(ValueError, match=message):
+        tiny_model().set_attention("attn_impl")
+
+
+def test_explicit_cpu_flash_runs_below_the_threshold_and_matches_naive():
+    """Asked for, cpu_flash runs at T <= 2 x max_distance too (the layer's cache fills), and it
+    computes the same function, gradients included."""
+    cfg = TINY_FEW_BUCKETS
+    attn = _make_attention(cfg)
+    torch.manual_seed(1)
+    x = torch.randn(2, 30, cfg.dim, requires_grad=True)
+    y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting("cpu_flash"))
+    assert attn._kernel_cache  # the cpu_flash kernel ran
+    y_ref = _naive_forward(attn, cfg, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    (g,), (g_ref,) = (torch.autograd.grad(out.sum(), [attn.rel_bias.weight]) for out in (y, y_ref))
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_set_attention_switches_every_layer():
+    model = tiny_model()
+    assert model.attention.kernel == "auto"
+    model.set_attention("flex")
+    tokens = torch.randint(0, TINY.vocab_size, (1, 9))
+    with torch.no_grad():
+        model(tokens)
+    assert list(model.positions._flex) == [(9, "cpu")]  # the layers ran flex
+    assert LaMDA(config=TINY, attention="sdpa").attention.kernel == "sdpa"
 
 
 def test_flex_model_decodes_like_sdpa():
-    """A model built with attn_impl='flex' prefills with flex and decodes through the KV cache with
+    """A model built with attention='flex' prefills with flex and decodes through the KV cache with
     sdpa; its greedy continuation and logits equal the sdpa model's."""
     sdpa, flex = tiny_model(), tiny_model()
-    flex.buckets = RelativePositionBuckets(TINY.num_buckets, TINY.max_distance, "flex")
+    flex.set_attention("flex")
     prompt = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
     runs = [AutoregressiveWrapper(model, max_seq_len=TINY.max_seq_len).decode(prompt, 12, top_k=1, keep_logits=True)
             for model in (sdpa, flex)]
-    assert list(flex.buckets._flex) == [(9, "cpu")]  # prefill ran flex
+    assert list(flex.positions._flex) == [(9, "cpu")]  # prefill ran flex
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits), atol=1e-5, rtol=1e-5)
 
@@ -300,7 +371,7 @@ def test_bias_unscaled_when_queries_are_zero():
     t = 30
     x = torch.randn(2, t, cfg.dim)
     with torch.no_grad():
-        y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
+        y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
         _, _, v = _qkv_by_hand(attn, x)  # (B, H, T, D)
         bias = _bias_by_hand(attn.rel_bias.weight, t, cfg.num_buckets, cfg.max_distance)
         expect = torch.zeros(2, cfg.heads, t, cfg.dim_head)
@@ -321,7 +392,7 @@ def test_bias_scaling_convention_is_the_documented_one():
     t = 30
     x = torch.randn(2, t, cfg.dim)
     with torch.no_grad():
-        y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
+        y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
         q, k, v = _qkv_by_hand(attn, x)
         qk = q @ k.transpose(-1, -2)  # (B, H, T, T), raw
         bias = _bias_by_hand(attn.rel_bias.weight, t, cfg.num_buckets, cfg.max_distance)
@@ -450,12 +521,12 @@ def test_top_k_filter_keeps_exactly_k_with_ties():
 
 
 def test_bucket_cache_reuses_and_stays_bounded():
-    cache = RelativePositionBuckets(32, 128)
+    cache = PositionCache(32, 128)
     first = cache.get(16, 16, torch.device("cpu"))
     assert cache.get(16, 16, torch.device("cpu"))[0] is first[0]  # built once, reused
     for t in range(1, 100):  # decoding without a KV cache visits every length
         cache.get(t, t, torch.device("cpu"))
-    assert len(cache._cache) <= RelativePositionBuckets.max_entries
+    assert len(cache._cache) <= PositionCache.max_entries
 
 
 def test_generate_top1_is_greedy():
