@@ -298,7 +298,7 @@ def test_select_kernel_refuses_flex_with_dropout_and_unknown_names():
     with pytest.raises(ValueError, match=message):
         LaMDA(config=TINY, attention="flash")
     with pytest.raises(ValueError, match=message):
-        tiny_model().set_attention("attn_impl")
+        tiny_model().set_attention("flash2")
 
 
 def test_explicit_cpu_flash_runs_below_the_threshold_and_matches_naive():
