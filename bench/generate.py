@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lamda_pipe.config import PRESETS, get_preset, param_count  # noqa: E402
-from lamda_pipe.model import AutoregressiveWrapper, LaMDA  # noqa: E402
+from lamda_pipe.generation import AutoregressiveWrapper  # noqa: E402
+from lamda_pipe.model import LaMDA  # noqa: E402
 
 
 def parse_args():

@@ -6,13 +6,13 @@ __all__ = ["LaMDA", "AutoregressiveWrapper", "ModelConfig", "PRESETS", "get_pres
            "flops_per_token", "relative_position_bucket"]
 __version__ = "0.1.0"
 
-_MODEL_NAMES = ("LaMDA", "AutoregressiveWrapper", "relative_position_bucket")
+_LAZY_NAMES = {"LaMDA": "model", "relative_position_bucket": "model", "AutoregressiveWrapper": "generation"}
 
 
 def __getattr__(name):
     # The model (and torch) load on first use: data-preparation worker processes import this
     # package and never need them.
-    if name in _MODEL_NAMES:
-        from . import model
-        return getattr(model, name)
+    if name in _LAZY_NAMES:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,27 +1,38 @@
-"""Kernels for causal attention whose bias depends only on the distance q - k (T5 buckets).
+"""Kernels for causal attention whose bias depends only on the distance q - k (T5 buckets),
+and the table that names them.
 
-* ``flex_biased_attention`` (CUDA): FlexAttention, the bias read in a ``score_mod`` from a
-  (H, T) bias-by-distance tensor, causality as a ``BlockMask`` (tiles above the diagonal are
-  skipped). Nothing of size T x T exists, forward or backward.
-* ``cpu_flash_biased_attention`` (CPU): the SDPA flash kernel with ``is_causal`` and the bias as
-  a constant (H, T, T) matrix, built as a band (``causal_bias_matrix``) and kept per layer.
+* ``flex_biased_attention`` (kernel ``flex``, CUDA): FlexAttention, the bias read in a
+  ``score_mod`` from a (H, T) bias-by-distance tensor, causality as a ``BlockMask`` (tiles above
+  the diagonal are skipped). Nothing of size T x T exists, forward or backward.
+* ``cpu_flash_biased_attention`` (kernel ``cpu_flash``, CPU): the SDPA flash kernel with
+  ``is_causal`` and the bias as a constant (H, T, T) matrix, built as a band
+  (``causal_bias_matrix``) and kept per layer.
+* ``sdpa_biased_attention`` (kernel ``sdpa``, everywhere): ``F.scaled_dot_product_attention``
+  with a (1, H, Tq, Tk) bias that has the causal mask folded in as -inf (``_CausalBias``). The
+  only kernel for KV-cache decoding (Tq < Tk) and attention dropout; the parity path.
 
-Neither kernel computes the bias table's gradient itself: flex's would add every score's
-gradient atomically into the bias it read, and CPU SDPA leaves its flash kernel for the math one
-when the bias requires grad. ``_BandBiasGrad`` computes it instead from a band of width
+Neither flex nor cpu_flash computes the bias table's gradient itself: flex's would add every
+score's gradient atomically into the bias it read, and CPU SDPA leaves its flash kernel for the
+math one when the bias requires grad. ``_BandBiasGrad`` computes it instead from a band of width
 max_distance (``band_bias_grad``), exact because every softmax-gradient row sums to zero.
+
+The table (``KERNELS``, at the end) gives every kernel one call signature
+``run(q, k, v, table, positions, *, dropout, layer_cache, options)`` and one selection rule;
+``select_kernel`` walks it in order and returns the first kernel whose rule takes the call.
+Adding a kernel: one function with that signature, one ``Kernel`` entry, one rule.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 # Triton tile sizes for FlexAttention in bf16/fp16. torch's Hopper defaults for head dim 64
-# (forward 128 x 128, 3 stages) need 240 KB of shared memory once our score_mod's bias read is
-# fused in, above the H100/H200's 227 KB, and fail to compile; bench/gpu.py measured these.
+# (forward 128 x 128, 3 stages) need more shared memory than an H100/H200 has once our
+# score_mod's bias read is fused in, and fail to compile; bench/gpu.py times the candidates.
 FLEX_KERNEL_OPTIONS_16BIT = {
     "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
@@ -51,9 +62,10 @@ def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     kernel_options: Triton tiles; None takes FLEX_KERNEL_OPTIONS_16BIT for bf16/fp16 on CUDA.
 
     The table's gradient does not come from flex's own backward: that one adds every score's
-    gradient atomically into the (H, T) bias it read, 0.3 G atomics per layer at T=2048, which
-    made flex 30x slower than flash attention on an H200. Flex gets the bias as a constant;
-    _BandBiasGrad computes the table's gradient from a band of width `window` (see there).
+    gradient atomically into the (H, T) bias it read (H * T^2 atomics into H * T addresses, the
+    bottleneck of the whole layer; docs/benchmarks.md, "One GPU: attention kernels"). Flex gets
+    the bias as a constant; _BandBiasGrad computes the table's gradient from a band of width
+    `window` (see there).
     """
     if kernel_options is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         kernel_options = FLEX_KERNEL_OPTIONS_16BIT
@@ -120,16 +132,16 @@ def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """The sdpa path on CPU for full sequences without attention dropout.
 
     With a bias that requires grad, CPU SDPA leaves its flash kernel for the math one, which
-    materialises scores, probabilities and their gradients: 1.46 s for one layer's forward and
-    backward at T=2048 (8 heads, 1 thread). Here the flash kernel gets the bias as a constant,
-    causality as is_causal (tiles above the diagonal are skipped), and returns the logsumexp;
-    the table's gradient comes from _BandBiasGrad as on the flex path: 0.26 s + 0.07 s.
+    materialises scores, probabilities and their gradients. Here the flash kernel gets the bias
+    as a constant, causality as is_causal (tiles above the diagonal are skipped), and returns
+    the logsumexp; the table's gradient comes from _BandBiasGrad as on the flex path.
 
     cache (the layer's own dict): the (H, T, T) bias matrix is kept and only its band is
     rewritten, and only when the bias values have changed (compared, not tracked: optimizers
-    write weights through .data, which no version counter sees): a fresh 134 MB matrix per
-    layer cost 40 ms at T=2048, mostly page faults. Micro-batches of one step all reuse it
-    untouched, so a graph that saved it never sees it change before its backward.
+    write weights through .data, which no version counter sees): allocating a fresh matrix per
+    layer and step is mostly page faults. Micro-batches of one step all reuse it untouched, so
+    a graph that saved it never sees it change before its backward. Measurements: docs/
+    benchmarks.md, "Single-process train step on CPU".
     """
     h, t = q.shape[1], q.shape[2]
     by_distance = table.detach().t()[:, distance_buckets].to(q.dtype)  # (H, T)
@@ -157,8 +169,8 @@ def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int, block
     dS = P * (dP - delta) with P = exp(S - lse), dP = dout . v, delta = rowsum(dout * out).
     Distances n < window are summed exactly: queries in blocks of `block`, each against the
     window + block keys before and at it (a strided view): O(T * (window + block)) work instead
-    of the O(T^2) of the full scores (block 64 was the fastest of 16..128 on CPU at T=512, 2048). Every row of dS sums to zero (softmax), so
-    all distances >= window together sum to minus the band's total.
+    of the O(T^2) of the full scores (block 64: the fastest of 16..128 on CPU). Every row of dS
+    sums to zero (softmax), so all distances >= window together sum to minus the band's total.
 
     Returns (H, T) for T <= window, else (H, window + 1): entry `window` is the far total (the
     far distances share one bucket).
@@ -216,3 +228,148 @@ class _BandBiasGrad(torch.autograd.Function):
                 idx = torch.cat([idx, distance_buckets[w:w + 1]])
             grad.index_add_(0, idx, sums.t())
         return dout, None, None, None, None, grad.to(table.dtype), None, None
+
+
+class _CausalBias(torch.autograd.Function):
+    """(table (NB, H) fp32, buckets, causal) -> the (H, Tq, Tk) bias table.t()[:, buckets] with
+    -inf where causal is False, and a backward that does not scatter H * Tq * Tk gradients into
+    NB * H slots one by one.
+
+    Autograd's own gather backward (index_put_ with accumulate) sorts or atomically adds all
+    H * Tq * Tk values into NB * H addresses; on CUDA that dwarfed the attention kernel itself
+    (docs/benchmarks.md, "One GPU: attention kernels"). For a full sequence (Tq == Tk) the bucket
+    of an allowed (q, k) depends only on the distance n = q - k, so the gradient is summed along
+    each diagonal first (a strided view, one pass), then the T per-distance sums go to their
+    buckets. Masked positions get no gradient: the bias there is the constant -inf."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, buckets: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(buckets, causal)
+        ctx.num_buckets = table.shape[0]
+        return table.t()[:, buckets].masked_fill_(~causal, float("-inf"))  # (H, Tq, Tk)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        buckets, causal = ctx.saved_tensors
+        h, tq, tk = grad.shape
+        acc = torch.promote_types(grad.dtype, torch.float32)  # sums in fp32 at least
+        out = grad.new_zeros(ctx.num_buckets, h, dtype=acc)
+        if tq != tk:  # decoding shapes: rare under autograd, plain scatter of the allowed part
+            g = grad.to(acc).masked_fill(~causal, 0.0)
+            return out.index_add_(0, buckets.flatten(), g.reshape(h, -1).t()), None, None
+        t = tq
+        # T zero rows padded below, then the view (H, n, k) -> element (q = k + n, k): row n is
+        # the diagonal q - k = n; entries with k + n >= T land in the padding. The part above
+        # the diagonal (future keys) is never read.
+        padded = F.pad(grad, (0, 0, 0, t))  # (H, 2T, T)
+        diagonals = padded.as_strided((h, t, t), (2 * t * t, t, t + 1))  # (H, n, k)
+        per_distance = diagonals.sum(-1, dtype=acc)  # (H, T)
+        return out.index_add_(0, buckets[:, 0], per_distance.t()), None, None  # buckets[n, 0]: distance n
+
+
+def causal_bias(table: torch.Tensor, buckets: torch.Tensor, causal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (1, H, Tq, Tk) bias in `dtype` with the causal mask folded in as -inf.
+
+    Gathered from the fp32 table and cast after, so that in backward the (H, Tq, Tk) gradient
+    is summed into the table in fp32: summed in bf16, T^2 terms lose too much precision (the bf16
+    check in tests/test_cuda.py)."""
+    return _CausalBias.apply(table.float(), buckets, causal).to(dtype).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel table. Every kernel runs as
+#   run(q, k, v, table, positions, *, dropout, layer_cache, options) -> (B, H, Tq, D)
+# q (B, H, Tq, D), k/v (B, H, Tk, D); table (NB, H), the layer's bias weights; positions, the
+# model's lamda_pipe.attention.PositionCache; dropout, the attention dropout probability;
+# layer_cache, a dict the calling layer keeps for the kernel; options, the model's kernel
+# tuning options (AttentionSetting.flex_options), None for the defaults.
+# ---------------------------------------------------------------------------------------------
+
+FLEX_MIN_SEQ_LEN = 2048  # "auto" takes flex from here on (docs/benchmarks.md, "One GPU: attention kernels")
+
+
+def _run_flex(q, k, v, table, positions, *, dropout, layer_cache, options):
+    distance_buckets, block_mask = positions.get_flex(q.shape[2], q.device)
+    return flex_biased_attention(q, k, v, table, distance_buckets, block_mask, options,
+                                 window=positions.max_distance)
+
+
+def _run_cpu_flash(q, k, v, table, positions, *, dropout, layer_cache, options):
+    return cpu_flash_biased_attention(q, k, v, table, positions.distance_buckets(q.shape[2], q.device),
+                                      window=positions.max_distance, cache=layer_cache)
+
+
+def sdpa_biased_attention(q, k, v, table, positions, *, dropout, layer_cache, options):
+    idx, causal_mask = positions.get(q.shape[2], k.shape[2], q.device)
+    mask = causal_bias(table, idx, causal_mask, q.dtype)  # (1, H, Tq, Tk) bias + causal mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+# Selection rules: rule(asked, device, q_len, k_len, dropout_active, max_distance) -> whether
+# this kernel takes the call. select_kernel tries them in table order; sdpa takes every call.
+
+def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+    if q_len != k_len:
+        return False  # KV-cache decoding: flex has no Tq < Tk path here
+    if asked == "flex":
+        if dropout_active:
+            raise ValueError("attention 'flex' has no attention dropout; use attention 'sdpa' or 'auto', "
+                             "or dropout 0")
+        return True
+    # Below FLEX_MIN_SEQ_LEN the masked sdpa path is faster on CUDA; on CPU torch has no flex backward.
+    return asked == "auto" and device.type == "cuda" and not dropout_active and q_len >= FLEX_MIN_SEQ_LEN
+
+
+def _cpu_flash_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+    if not (device.type == "cpu" and q_len == k_len and not dropout_active and HAS_CPU_FLASH):
+        return False  # where it cannot run, every choice (cpu_flash included) falls to sdpa
+    # Below 2 x max_distance the band gradient costs about as much as causal attention itself
+    # and the masked sdpa path is faster (docs/benchmarks.md, "Single-process train step on CPU").
+    return asked == "cpu_flash" or q_len > 2 * max_distance
+
+
+def _sdpa_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+    return True  # the universal fallback
+
+
+class Kernel(NamedTuple):
+    name: str
+    run: Callable[..., torch.Tensor]  # the one call signature above
+    rule: Callable[..., bool]  # whether it takes a call, given what was asked (rules above)
+    compilable: bool  # traced by torch.compile; the others run eagerly inside a compiled region
+
+
+KERNELS = (  # in the order select_kernel tries them; sdpa, which takes every call, last
+    Kernel("flex", _run_flex, _flex_rule, compilable=True),
+    Kernel("cpu_flash", _run_cpu_flash, _cpu_flash_rule, compilable=False),
+    Kernel("sdpa", sdpa_biased_attention, _sdpa_rule, compilable=False),
+)
+ATTENTION_CHOICES = ("auto", *(k.name for k in KERNELS))  # what a user may ask for
+
+
+def check_attention_name(name: str) -> str:
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
+    return name
+
+
+def select_kernel(asked: str, device: torch.device, q_len: int, k_len: int, dropout_active: bool, *,
+                  max_distance: int) -> str:
+    """The kernel (a name in KERNELS) that runs a call, given the kernel asked for (one of
+    ATTENTION_CHOICES): the first in KERNELS whose rule takes it.
+
+    q_len < k_len is decoding with a KV cache. max_distance (the model's) sets where cpu_flash
+    starts to pay off. Raises ValueError for an unknown name and for flex asked with dropout.
+    """
+    check_attention_name(asked)
+    for kernel in KERNELS:
+        if kernel.rule(asked, device, q_len, k_len, dropout_active, max_distance):
+            return kernel.name
+    raise AssertionError("unreachable: the sdpa rule takes every call")
+
+
+def get_kernel(name: str) -> Kernel:
+    for kernel in KERNELS:
+        if kernel.name == name:
+            return kernel
+    raise ValueError(f"unknown attention kernel {name!r}; the kernels are: {', '.join(k.name for k in KERNELS)}")

@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig, block_param_count
-from .attention import RelativePositionBuckets
+from .attention import AttentionSetting, PositionCache
 from .errors import ConfigError
 from .model import Block, TokenEmbedding, init_block_weights
 
@@ -55,13 +55,14 @@ TIED_KEY = "embed"
 class BlockPipe(Block):
     """A block whose single input and output is the hidden state (the stage protocol)."""
 
-    def __init__(self, cfg: ModelConfig, buckets: RelativePositionBuckets):
+    def __init__(self, cfg: ModelConfig, positions: PositionCache, setting: AttentionSetting):
         super().__init__(cfg)
         init_block_weights(self, cfg)
-        self._buckets = buckets  # shared by the blocks of this stage; not a module or parameter
+        # shared by the blocks of this stage; neither is a module or parameter
+        self._positions, self._attention = positions, setting
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden, self._buckets)
+        return super().forward(hidden, self._positions, self._attention)
 
 
 class FinalNorm(nn.RMSNorm):
@@ -85,11 +86,12 @@ def int_seed_fn(seed) -> None:
     set_random_seed(int(seed))
 
 
-def layer_specs(cfg: ModelConfig, attn_impl: str = "auto") -> list:
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, attn_impl)
+def layer_specs(cfg: ModelConfig, attention: str = "auto") -> list:
+    """attention: the attention kernel, one of ATTENTION_CHOICES (lamda_pipe/attention.py)."""
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting(attention)
     return [
         TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, tied_weight_attr="weight"),
-        *[LayerSpec(BlockPipe, cfg, buckets) for _ in range(cfg.depth)],
+        *[LayerSpec(BlockPipe, cfg, positions, setting) for _ in range(cfg.depth)],
         LayerSpec(FinalNorm, cfg),
         TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, forward_fn=tied_head, tied_weight_attr="weight"),
     ]
@@ -186,12 +188,13 @@ class LaMDAPipeline(PipelineModule):
 
 
 def build_pipeline(cfg: ModelConfig, bounds: list[int], seed: int, activation_checkpoint_interval: int = 0,
-                   attn_impl: str = "auto") -> PipelineModule:
+                   attention: str = "auto") -> PipelineModule:
     """Assembles the pipeline split at ``bounds`` (from ``stage_bounds``; the stage count is
     len(bounds) - 1). Each layer is built and run under a seed derived from its global index,
-    so initialisation and dropout do not depend on the number of stages or where they are cut."""
+    so initialisation and dropout do not depend on the number of stages or where they are cut.
+    ``attention`` names the kernel (attention_kernels.ATTENTION_CHOICES)."""
     module = LaMDAPipeline(
-        layers=layer_specs(cfg, attn_impl),
+        layers=layer_specs(cfg, attention),
         num_stages=len(bounds) - 1,
         loss_fn=lm_loss,
         stage_bounds=bounds,

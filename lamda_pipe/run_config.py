@@ -32,8 +32,8 @@ def _partitions() -> tuple[str, ...]:
 
 
 def _attention_kernels() -> tuple[str, ...]:
-    from .attention import ATTN_IMPLS
-    return tuple(ATTN_IMPLS)
+    from .attention_kernels import ATTENTION_CHOICES
+    return tuple(ATTENTION_CHOICES)
 
 
 @dataclass(frozen=True)

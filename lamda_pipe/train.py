@@ -174,7 +174,7 @@ def build_engine(plan: Plan, rank: int):
     from .weights import copy_into_pipeline, read_plain_state
 
     run, cfg = plan.run, plan.model
-    net = build_pipeline(cfg, list(plan.bounds), run.seed, attn_impl=run.attention,
+    net = build_pipeline(cfg, list(plan.bounds), run.seed, attention=run.attention,
                          activation_checkpoint_interval=plan.ds.get("pipeline", {}).get(
                              "activation_checkpoint_interval", 0))
     if rank == 0:
@@ -262,7 +262,7 @@ def print_sample(ckpt_dir: Path, cfg: ModelConfig, source, run: RunConfig) -> No
     from deepspeed.accelerator import get_accelerator
     from tokenizers import Tokenizer
 
-    from .model import AutoregressiveWrapper
+    from .generation import AutoregressiveWrapper
     from .weights import load_plain_model
 
     if param_count(cfg) > SAMPLE_MAX_PARAMS:

@@ -78,9 +78,9 @@ def test_flops_per_token_against_flop_counter(seq_len, monkeypatch):
 
     flops_per_token's N also holds the RMSNorm scales and the relative-bias tables, which take
     part in no matrix multiply: that is the only difference, 6 * T * (their count) FLOPs."""
-    import lamda_pipe.attention
+    import lamda_pipe.attention_kernels
 
-    monkeypatch.setattr(lamda_pipe.attention, "HAS_CPU_FLASH", False)
+    monkeypatch.setattr(lamda_pipe.attention_kernels, "HAS_CPU_FLASH", False)
     cfg = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
     torch.manual_seed(0)
     model = LaMDA(config=cfg).eval()

@@ -75,7 +75,7 @@ def test_cached_decoding_builds_buckets_once_and_keeps_the_cache_bounded(monkeyp
     wrapper = AutoregressiveWrapper(model, max_seq_len=TINY.max_seq_len)
     wrapper.generate(torch.zeros(1, 4, dtype=torch.long), 50, generator=torch.Generator().manual_seed(5))
     assert len(calls) == 2  # the prompt's (4, 4) buckets, then one row that serves all 49 steps
-    assert len(model.buckets._cache) == 1 and len(model.buckets._rows) == 1
+    assert len(model.positions._cache) == 1 and len(model.positions._rows) == 1
 
 
 def greedy_by_hand(model, prompt, steps, eos=None):
@@ -228,6 +228,30 @@ def test_cli_sample_and_rank_prints_the_best_candidate(export_dir, capsys):
         torch.tensor(ids), 8, 4, top_k=40, eos_token=special_ids(tok)["eot"],
         generator=torch.Generator().manual_seed(5))
     assert PROMPT + out.splitlines()[-1] == expected_text(tok, ids, ranked.tokens)
+
+
+def test_cli_attention_kernels_give_the_same_text(export_dir, capsys, monkeypatch):
+    """--attention reaches the model (the kernel asked for is what the layers see) and changes
+    speed only: sdpa and auto sample the same text for the same seed."""
+    from lamda_pipe.model import LaMDA as model_class
+
+    asked = []
+    real = model_class.set_attention
+    monkeypatch.setattr(model_class, "set_attention", lambda self, name: asked.append(name) or real(self, name))
+    texts = []
+    for kernel in ("sdpa", "auto"):
+        rc, out, _ = run_cli(capsys, str(export_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--seed", "4",
+                             "--device", "cpu", "--attention", kernel)
+        assert rc == 0
+        texts.append(out.splitlines()[-1])
+    assert asked == ["sdpa", "auto"]
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_cli_unknown_attention_kernel_is_exit_2(export_dir, capsys):
+    rc, out, err = run_cli(capsys, str(export_dir), "--prompt", PROMPT, "--attention", "flash")
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and "--attention" in err and "'flash'" in err and "cpu_flash" in err
 
 
 @pytest.mark.parametrize("args, message", [

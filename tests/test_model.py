@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig, param_count, relative_position_bucket
-from lamda_pipe.attention import FLEX_MIN_SEQ_LEN
+from lamda_pipe.attention import AttentionSetting, PositionCache
 from lamda_pipe.attention_kernels import _BandBiasGrad
-from lamda_pipe.model import Attention, RelativePositionBuckets, top_k_filter
+from lamda_pipe.generation import top_k_filter
+from lamda_pipe.model import Attention
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,8 +114,8 @@ def test_attention_matches_naive_forward_and_grads(cfg, t):
     g_out = torch.randn(2, t, cfg.dim)  # a non-trivial upstream gradient
     params = [attn.qkv.weight, attn.rel_bias.weight, attn.out.weight]
 
-    y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
-    assert bool(attn._bias_cache) == (t > 2 * cfg.max_distance)  # which path ran
+    y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
+    assert bool(attn._kernel_cache) == (t > 2 * cfg.max_distance)  # which path ran
     y_ref = _naive_forward(attn, cfg, x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
@@ -131,13 +132,13 @@ def test_attention_kv_cache_decoding_matches_naive(cfg):
     attn = _make_attention(cfg)
     torch.manual_seed(2)
     x = torch.randn(2, 40, cfg.dim)
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting()
     cache = {}
     with torch.no_grad():
-        y_prefix = attn(x[:, :30], buckets, cache)
+        y_prefix = attn(x[:, :30], positions, setting, cache)
         assert cache["k"].shape == (2, cfg.heads, 30, cfg.dim_head)
-        y_chunk = attn(x[:, 30:37], buckets, cache)  # 7 queries against 37 keys
-        y_one = attn(x[:, 37:38], buckets, cache)  # 1 query against 38 keys
+        y_chunk = attn(x[:, 30:37], positions, setting, cache)  # 7 queries against 37 keys
+        y_one = attn(x[:, 37:38], positions, setting, cache)  # 1 query against 38 keys
         ref_full = _naive_forward(attn, cfg, x[:, :38])
         ref_chunk = _naive_forward(attn, cfg, x[:, :37], q_from=30)  # the oracle's own Tq < Tk path
     torch.testing.assert_close(y_prefix, ref_full[:, :30], atol=1e-5, rtol=1e-5)
@@ -151,16 +152,16 @@ def test_attention_kv_cache_decoding_matches_naive(cfg):
 def test_flex_attention_matches_naive_forward(cfg, t):
     """The FlexAttention path (bias by distance in a score_mod, causal block mask) against the
     oracle. CPU runs flex's eager forward only (torch has no flex backward on CPU); the backward
-    and the compiled kernels are checked against the same oracle on CUDA by bench/gpu.py.
+    and the compiled kernels are checked against the same oracle on CUDA by tests/test_cuda.py.
     T=200 spans two 128-wide mask tiles, one of them partly masked and partly filled."""
     attn = _make_attention(cfg)
     torch.manual_seed(5)
     x = torch.randn(2, t, cfg.dim)
-    flex = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance, impl="flex")
+    positions = PositionCache(cfg.num_buckets, cfg.max_distance)
     with torch.no_grad():
-        y = attn(x, flex)
+        y = attn(x, positions, AttentionSetting("flex"))
         y_ref = _naive_forward(attn, cfg, x)
-    assert list(flex._flex) == [(t, "cpu")]  # the flex path ran
+    assert list(positions._flex) == [(t, "cpu")]  # the flex path ran
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -190,9 +191,9 @@ def test_band_bias_gradient_matches_autograd(t, num_buckets, max_distance):
 def test_causal_bias_gradient_matches_plain_gather(tq, tk):
     """The masked-bias path's (CUDA sdpa, dropout, decoding) custom backward (diagonal sums)
     against autograd through a plain gather + masked_fill."""
-    from lamda_pipe.attention import _CausalBias
+    from lamda_pipe.attention_kernels import _CausalBias
 
-    idx, causal = RelativePositionBuckets(32, 128).get(tq, tk, torch.device("cpu"))
+    idx, causal = PositionCache(32, 128).get(tq, tk, torch.device("cpu"))
     g = torch.Generator().manual_seed(tq)
     table = torch.randn(32, 4, generator=g, dtype=torch.float64, requires_grad=True)
     gout = torch.randn(4, tq, tk, generator=g, dtype=torch.float64)
@@ -209,7 +210,7 @@ def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
     the bucket gather on and below the diagonal, zero above; rewritten in place for a new table."""
     from lamda_pipe.attention_kernels import causal_bias_matrix
 
-    idx, causal = RelativePositionBuckets(num_buckets, max_distance).get(t, t, torch.device("cpu"))
+    idx, causal = PositionCache(num_buckets, max_distance).get(t, t, torch.device("cpu"))
     g = torch.Generator().manual_seed(t)
     out = None
     for _ in range(2):  # the second table reuses the first matrix
@@ -225,46 +226,55 @@ def test_causal_bias_matrix_matches_the_gather(t, num_buckets, max_distance):
 def test_cpu_bias_cache_rebuilt_only_when_the_table_changes():
     cfg = TINY_FEW_BUCKETS  # T=64 > 2 x max_distance: the CPU flash path
     attn = _make_attention(cfg)
-    buckets = RelativePositionBuckets(cfg.num_buckets, cfg.max_distance)
+    positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting()
     x = torch.randn(2, 64, cfg.dim)
-    attn(x, buckets).sum().backward()
-    (first, _, _), = attn._bias_cache.values()
+    attn(x, positions, setting).sum().backward()
+    (first, _, _), = attn._kernel_cache.values()
     version = first._version
-    attn(x, buckets).sum().backward()  # same table: the same matrix, untouched
+    attn(x, positions, setting).sum().backward()  # same table: the same matrix, untouched
     assert first._version == version
     attn.rel_bias.weight.data.add_(1.0)  # as optimizers write: through .data, no version bump
-    y = attn(x, buckets)
-    (again, _, _), = attn._bias_cache.values()
+    y = attn(x, positions, setting)
+    (again, _, _), = attn._kernel_cache.values()
     assert again is first and first._version > version  # rewritten in place for the new table
     torch.testing.assert_close(y, _naive_forward(attn, cfg, x), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_kernel_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = RelativePositionBuckets(32, 128)
-    assert not auto.use_flex(cpu, 4096, True, False)  # CPU: sdpa
-    assert auto.use_flex(cuda, FLEX_MIN_SEQ_LEN, True, False)  # CUDA training / prefill: flex ...
-    assert not auto.use_flex(cuda, FLEX_MIN_SEQ_LEN - 1, True, False)  # ... from the measured length on
-    assert not auto.use_flex(cuda, 4096, True, True)  # attention dropout: sdpa
-    assert not auto.use_flex(cuda, 4096, False, False)  # KV-cache decoding: sdpa
-    assert not RelativePositionBuckets(32, 128, "sdpa").use_flex(cuda, 4096, True, False)
-    forced = RelativePositionBuckets(32, 128, "flex")
-    assert forced.use_flex(cpu, 16, True, False) and not forced.use_flex(cpu, 16, False, False)
-    with pytest.raises(ValueError, match="no attention dropout"):
-        forced.use_flex(cpu, 16, True, True)
-    with pytest.raises(ValueError, match="choose one of: auto, sdpa, flex"):
-        RelativePositionBuckets(32, 128, "flash")
+def test_explicit_cpu_flash_runs_below_the_threshold_and_matches_naive():
+    """Asked for, cpu_flash runs at T <= 2 x max_distance too (the layer's cache fills), and it
+    computes the same function, gradients included."""
+    cfg = TINY_FEW_BUCKETS
+    attn = _make_attention(cfg)
+    torch.manual_seed(1)
+    x = torch.randn(2, 30, cfg.dim, requires_grad=True)
+    y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting("cpu_flash"))
+    assert attn._kernel_cache  # the cpu_flash kernel ran
+    y_ref = _naive_forward(attn, cfg, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    (g,), (g_ref,) = (torch.autograd.grad(out.sum(), [attn.rel_bias.weight]) for out in (y, y_ref))
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_set_attention_switches_every_layer():
+    model = tiny_model()
+    assert model.attention.kernel == "auto"
+    model.set_attention("flex")
+    tokens = torch.randint(0, TINY.vocab_size, (1, 9))
+    with torch.no_grad():
+        model(tokens)
+    assert list(model.positions._flex) == [(9, "cpu")]  # the layers ran flex
+    assert LaMDA(config=TINY, attention="sdpa").attention.kernel == "sdpa"
 
 
 def test_flex_model_decodes_like_sdpa():
-    """A model built with attn_impl='flex' prefills with flex and decodes through the KV cache with
+    """A model built with attention='flex' prefills with flex and decodes through the KV cache with
     sdpa; its greedy continuation and logits equal the sdpa model's."""
     sdpa, flex = tiny_model(), tiny_model()
-    flex.buckets = RelativePositionBuckets(TINY.num_buckets, TINY.max_distance, "flex")
+    flex.set_attention("flex")
     prompt = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
     runs = [AutoregressiveWrapper(model, max_seq_len=TINY.max_seq_len).decode(prompt, 12, top_k=1, keep_logits=True)
             for model in (sdpa, flex)]
-    assert list(flex.buckets._flex) == [(9, "cpu")]  # prefill ran flex
+    assert list(flex.positions._flex) == [(9, "cpu")]  # prefill ran flex
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits), atol=1e-5, rtol=1e-5)
 
@@ -300,7 +310,7 @@ def test_bias_unscaled_when_queries_are_zero():
     t = 30
     x = torch.randn(2, t, cfg.dim)
     with torch.no_grad():
-        y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
+        y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
         _, _, v = _qkv_by_hand(attn, x)  # (B, H, T, D)
         bias = _bias_by_hand(attn.rel_bias.weight, t, cfg.num_buckets, cfg.max_distance)
         expect = torch.zeros(2, cfg.heads, t, cfg.dim_head)
@@ -321,7 +331,7 @@ def test_bias_scaling_convention_is_the_documented_one():
     t = 30
     x = torch.randn(2, t, cfg.dim)
     with torch.no_grad():
-        y = attn(x, RelativePositionBuckets(cfg.num_buckets, cfg.max_distance))
+        y = attn(x, PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting())
         q, k, v = _qkv_by_hand(attn, x)
         qk = q @ k.transpose(-1, -2)  # (B, H, T, T), raw
         bias = _bias_by_hand(attn.rel_bias.weight, t, cfg.num_buckets, cfg.max_distance)
@@ -450,12 +460,12 @@ def test_top_k_filter_keeps_exactly_k_with_ties():
 
 
 def test_bucket_cache_reuses_and_stays_bounded():
-    cache = RelativePositionBuckets(32, 128)
+    cache = PositionCache(32, 128)
     first = cache.get(16, 16, torch.device("cpu"))
     assert cache.get(16, 16, torch.device("cpu"))[0] is first[0]  # built once, reused
     for t in range(1, 100):  # decoding without a KV cache visits every length
         cache.get(t, t, torch.device("cpu"))
-    assert len(cache._cache) <= RelativePositionBuckets.max_entries
+    assert len(cache._cache) <= PositionCache.max_entries
 
 
 def test_generate_top1_is_greedy():

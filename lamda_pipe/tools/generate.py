@@ -21,6 +21,7 @@ from . import ArgumentParser, run_cli
 
 
 def parse_args(argv):
+    from ..attention_kernels import ATTENTION_CHOICES  # imports torch, which this module defers
     p = ArgumentParser(prog="lamda-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, metavar="EXPORT_OR_CHECKPOINT_DIR",
                    help="an export dir (lamda-export), or a run dir / RUN/checkpoints / one checkpoint dir")
@@ -36,6 +37,9 @@ def parse_args(argv):
                    help="sample-and-rank: sample N candidates, print the one with the highest mean "
                         "log-likelihood per token (the paper uses 16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
+                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto); the same "
+                        f"text for the same seed, only speed differs (lamda_pipe/attention.py)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token instead of using the KV cache (slow)")
     return p.parse_args(argv)
@@ -78,8 +82,8 @@ def _run(argv) -> int:
 
     from ..config import param_count
     from ..export import CheckpointError, load_model, model_config_at
+    from ..generation import AutoregressiveWrapper
     from ..run_format import resolve_model
-    from ..model import AutoregressiveWrapper
     from ..data.tokenizer import load_tokenizer, special_ids, vocab_size
 
     args = parse_args(argv)
@@ -112,6 +116,7 @@ def _run(argv) -> int:
         model = load_model(source, cfg, device=device)
     except CheckpointError as e:
         raise DataError(f"--model {e}") from None
+    model.set_attention(args.attention)
     wrapper = AutoregressiveWrapper(model, max_seq_len=cfg.max_seq_len, pad_value=ids["pad"] or 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
