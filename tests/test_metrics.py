@@ -161,12 +161,15 @@ def test_fill_run_values_puts_csv_and_wandb_under_the_run_dir(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def rank0():
+def rank0(monkeypatch):
     """A one-process gloo group (in-memory store, no port): DeepSpeed's monitors write only
     where deepspeed.comm says rank 0."""
     import torch.distributed as tdist
     import deepspeed.comm as dcomm
 
+    # deepspeed.comm's backend handle goes back to what it was, so that later tests (and the
+    # ranks they fork) start DeepSpeed as if this test had not run.
+    monkeypatch.setattr(dcomm.comm, "cdb", dcomm.comm.cdb)
     owned = not tdist.is_initialized()
     if owned:
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
