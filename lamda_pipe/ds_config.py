@@ -1,7 +1,7 @@
 """Loading the DeepSpeed JSON config and checking it against the run before any engine work.
 
-The JSON stays DeepSpeed's own format; this module only fills in the two values that belong
-to the run rather than to the file (the TensorBoard directory and the schedule length, from
+The JSON stays DeepSpeed's own format; this module only fills in the values that belong
+to the run rather than to the file (the monitors' directories and the schedule length, from
 --run-dir and --steps) and refuses combinations that would fail later, deep inside DeepSpeed.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,13 +106,21 @@ def check_run(ds: dict, *, pipe_stages: int, world_size: int, cuda_available: bo
     return resolve_batch(ds, world_size // pipe_stages)
 
 
-def fill_run_values(ds: dict, *, steps: int, run_dir: Path) -> dict:
-    """A copy of the config with the run's own values filled in."""
+def fill_run_values(ds: dict, *, steps: int, run_dir: Path, environ: MutableMapping[str, str] = os.environ) -> dict:
+    """A copy of the config with the run's own values filled in: the schedule length, and
+    --run-dir as the directory of the TensorBoard and CSV monitors when the JSON gives none.
+
+    With "wandb" enabled, also sets WANDB_DIR in `environ` (the process environment) to
+    --run-dir unless it is set already: DeepSpeed's WandbMonitor starts the W&B run without a
+    directory, and wandb reads WANDB_DIR (see lamda_pipe/metrics.py)."""
     ds = copy.deepcopy(ds)
     sched = ds.get("scheduler")
     if sched and sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
         sched.setdefault("params", {})["total_num_steps"] = steps
-    tb = ds.get("tensorboard")
-    if tb and tb.get("enabled") and not tb.get("output_path"):
-        tb["output_path"] = str(run_dir)
+    for key in ("tensorboard", "csv_monitor"):
+        monitor = ds.get(key)
+        if monitor and monitor.get("enabled") and not monitor.get("output_path"):
+            monitor["output_path"] = str(run_dir)
+    if ds.get("wandb", {}).get("enabled"):
+        environ.setdefault("WANDB_DIR", str(run_dir))
     return ds

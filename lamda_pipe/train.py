@@ -224,14 +224,15 @@ def make_logger(plan: Plan, engine, rank: int, world_size: int):
     import torch
 
     from .config import flops_per_token
-    from .metrics import MetricsLogger, peak_tflops_for
+    from .metrics import MetricsLogger, peak_tflops_for, run_sinks
 
     run = plan.run
     peak = run.peak_tflops
     if peak is None and torch.cuda.is_available():
         peak = peak_tflops_for(torch.cuda.get_device_name())
-    return MetricsLogger(run.run_dir, enabled=rank == 0, tokens_per_step=plan.batch.global_batch_size * run.seq_len,
-                         flops_per_token=flops_per_token(plan.model, run.seq_len), monitor=engine.monitor,
+    return MetricsLogger(run_sinks(run.run_dir, enabled=rank == 0, monitor=engine.monitor),
+                         tokens_per_step=plan.batch.global_batch_size * run.seq_len,
+                         flops_per_token=flops_per_token(plan.model, run.seq_len),
                          monitor_writes_loss_scale=engine.fp16_enabled(), devices=world_size, peak_tflops=peak,
                          log_every=run.log_every)
 
