@@ -36,7 +36,7 @@ def launch_env(local_rank_arg: int = -1) -> LaunchEnv:
 
 def set_cpu_threads(local_world_size: int) -> int:
     """Gives each rank on a host its share of the cores unless OMP_NUM_THREADS says otherwise:
-    ranks each using every core oversubscribe the CPU (4x slower on 2 cores, 2 ranks)."""
+    ranks each using every core oversubscribe the CPU and spend their time in OpenMP barriers."""
     import torch
 
     if "OMP_NUM_THREADS" in os.environ:
@@ -49,7 +49,7 @@ def set_cpu_threads(local_world_size: int) -> int:
 
 def init_distributed() -> None:
     """Starts the process group without DeepSpeed's shared-memory all-reduce op: it serves only
-    inference, yet JIT-compiles C++ for ~30 s on every cold start. Its on/off switch is
+    inference, yet JIT-compiles C++ on every cold start. Its on/off switch is
     DeepSpeed's table of compatible ops, read only there; setting the entry before the table
     is first read also skips the probe that builds it (compiler runs, linker noise on stderr).
     """

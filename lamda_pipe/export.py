@@ -24,20 +24,60 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, LaMDA, read_export_config
-from .run_format import RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file, num_layer_files, resolve_model
+from .model import LaMDA
+from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file,
+                         num_layer_files, resolve_model)
 
+EXPORT_FORMAT = "lamda-pipe-export/1"
+EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step")  # config.json keys beyond ModelConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_export_config(path) -> ModelConfig:
+    """The ModelConfig of an export dir (its config.json), checking both files are there."""
+    path = Path(path)
+    config_file = path / EXPORT_CONFIG
+    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not an exported model: missing {' and '.join(missing)}; export a "
+                              f"checkpoint first (lamda-export RUN_DIR --out {path})")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-export the model") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_file}: format {found!r}, expected {EXPORT_FORMAT!r}; re-export the "
+                              f"checkpoint with this version's lamda-export")
+    return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
+
+
+def load_export(path, device=None, dtype: torch.dtype | None = None, attention: str = "auto",
+                model_class=LaMDA) -> LaMDA:
+    """The model of an export dir, in eval mode (LaMDA.from_pretrained)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_export_config(path)
+    weights_file = Path(path) / EXPORT_WEIGHTS
+    try:
+        state = load_file(weights_file, device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
+    with torch.device("meta"):
+        model = model_class(config=cfg, attention=attention)  # shapes only: the weights are replaced next
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights_file} does not match its {EXPORT_CONFIG}: {e}") from None
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def model_config_at(src: ModelPath) -> tuple[ModelConfig, int | None]:
     """(model config, training step) without loading weights; for a checkpoint, also checks
     that every layer file is there."""
     if src.kind == "export":
-        try:
-            cfg = read_export_config(src.path)
-        except (FileNotFoundError, ValueError) as e:
-            raise CheckpointError(str(e)) from None
+        cfg = read_export_config(src.path)
         return cfg, json.loads((src.path / EXPORT_CONFIG).read_text()).get("source_step")
     record = RunRecord.read(src.path)
     if record is None:
@@ -51,17 +91,16 @@ def model_config_at(src: ModelPath) -> tuple[ModelConfig, int | None]:
     return record.model_config, record.global_steps
 
 
-def load_model(src: ModelPath, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None) -> LaMDA:
+def load_model(src: ModelPath, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None,
+               attention: str = "auto") -> LaMDA:
     """The plain model of an export dir or checkpoint, in eval mode (checkpoints load as fp32)."""
     if src.kind == "export":
-        try:
-            return LaMDA.from_pretrained(src.path, device=device, dtype=dtype)
-        except (FileNotFoundError, ValueError) as e:
-            raise CheckpointError(str(e)) from None
+        return load_export(src.path, device=device, dtype=dtype, attention=attention)
     from .weights import load_plain_model
 
     try:
         model = load_plain_model(src.path, cfg)
+        model.set_attention(attention)
     except Exception as e:  # torch.load's and load_state_dict's errors do not name the checkpoint
         raise CheckpointError(f"could not rebuild the model from checkpoint {src.path} with the model_config of "
                               f"its {RUN_RECORD}: {str(e)[:500]}") from None

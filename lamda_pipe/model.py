@@ -15,16 +15,14 @@ Choices written down once here:
   With h the output of the final RMSNorm (RMS 1, |h| = sqrt(dim)), every logit starts as
   ~N(0, 1), so the initial loss is ln(vocab) + 1/2. The token's
   own embedding (RMS 1/sqrt(dim)) is small next to the blocks' outputs (RMS ~1) at init, so
-  the head does not start out predicting a copy of its input. Unscaled logits learned
-  clearly faster than logits scaled by 1/sqrt(dim) in a comparison on the debug preset.
+  the head does not start out predicting a copy of its input; unscaled logits also learned
+  faster than logits scaled by 1/sqrt(dim) on the debug preset.
 * RMSNorm pre-norm blocks without biases, as in the T5 family.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +36,6 @@ from .attention import (  # noqa: F401  (re-exported: the model's public names)
     relative_position_bucket,
 )
 from .config import ModelConfig
-
-# An exported model (lamda_pipe/export.py writes it, LaMDA.from_pretrained reads it).
-EXPORT_FORMAT = "lamda-pipe-export/1"
-EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
-EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step")  # config.json keys beyond ModelConfig
 
 
 class GEGLUFeedForward(nn.Module):
@@ -142,41 +135,8 @@ class LaMDA(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None,
                         attention: str = "auto") -> "LaMDA":
-        """Loads a directory written by lamda-export (config.json + model.safetensors), in eval
-        mode, with safetensors only: no pickle, no DeepSpeed. dtype None keeps the stored dtype."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Loads a directory written by lamda-export (export.py holds the format), in eval mode,
+        with safetensors only: no pickle, no DeepSpeed. dtype None keeps the stored dtype."""
+        from .export import load_export
 
-        cfg = read_export_config(path)
-        weights_file = Path(path) / EXPORT_WEIGHTS
-        try:
-            state = load_file(weights_file, device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
-        with torch.device("meta"):
-            model = cls(config=cfg, attention=attention)  # shapes only: no random init of weights that are replaced next
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_file} does not match its {EXPORT_CONFIG}: {e}") from None
-        return model.to(device=device, dtype=dtype).eval()
-
-
-def read_export_config(path) -> ModelConfig:
-    """The ModelConfig of an export dir (its config.json), checking both files are there."""
-    path = Path(path)
-    config_file = path / EXPORT_CONFIG
-    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path} is not an exported model: missing {' and '.join(missing)}; export a checkpoint first "
-            f"(python scripts/export.py RUN_DIR --out {path})")
-    try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e}); re-export the model") from None
-    found = meta.get("format") if isinstance(meta, dict) else None
-    if found != EXPORT_FORMAT:
-        raise ValueError(f"{config_file}: format {found!r}, expected {EXPORT_FORMAT!r}; re-export the checkpoint "
-                         f"with this version's lamda-export")
-    return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
+        return load_export(path, device=device, dtype=dtype, attention=attention, model_class=cls)

@@ -198,7 +198,7 @@ def test_cli_missing_layer_file_exit_2(run, tmp_path, capsys):
 
 
 def test_from_pretrained_names_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing config.json and model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"missing config.json and model.safetensors"):
         LaMDA.from_pretrained(tmp_path)
 
 

@@ -233,11 +233,12 @@ def test_cli_sample_and_rank_prints_the_best_candidate(export_dir, capsys):
 def test_cli_attention_kernels_give_the_same_text(export_dir, capsys, monkeypatch):
     """--attention reaches the model (the kernel asked for is what the layers see) and changes
     speed only: sdpa and auto sample the same text for the same seed."""
-    from lamda_pipe.model import LaMDA as model_class
+    from lamda_pipe.generation import AutoregressiveWrapper as wrapper_class
 
-    asked = []
-    real = model_class.set_attention
-    monkeypatch.setattr(model_class, "set_attention", lambda self, name: asked.append(name) or real(self, name))
+    asked = []  # the kernel setting of the model the CLI samples from
+    real = wrapper_class.__init__
+    monkeypatch.setattr(wrapper_class, "__init__",
+                        lambda self, net, **kw: asked.append(net.attention.kernel) or real(self, net, **kw))
     texts = []
     for kernel in ("sdpa", "auto"):
         rc, out, _ = run_cli(capsys, str(export_dir), "--prompt", PROMPT, "--max-new-tokens", "12", "--seed", "4",

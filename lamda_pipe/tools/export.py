@@ -27,16 +27,15 @@ def parse_args(argv):
 
 
 def _run(argv) -> int:
-    from ..export import EXPORT_WEIGHTS, CheckpointError, export_checkpoint
+    from ..export import export_checkpoint
+    from ..run_format import EXPORT_CONFIG, EXPORT_WEIGHTS
 
     args = parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, force=args.force, dtype=args.dtype)
-    except CheckpointError as e:
-        raise DataError(str(e)) from None
     except OSError as e:  # e.g. no permission or no space where --out goes; the temp dir is already removed
         raise DataError(f"could not write --out {args.out}: {e}; choose another --out") from None
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / EXPORT_CONFIG).read_text())
     files = ", ".join(p.name for p in sorted(out.iterdir()))
     size = (out / EXPORT_WEIGHTS).stat().st_size
     print(f"wrote {out}: {files} ({size / 1e6:,.2f} MB of {args.dtype} weights) from "

@@ -113,10 +113,9 @@ def _run(argv) -> int:
 
     seed = secrets.randbits(31) if args.seed is None else args.seed
     try:
-        model = load_model(source, cfg, device=device)
+        model = load_model(source, cfg, device=device, attention=args.attention)
     except CheckpointError as e:
         raise DataError(f"--model {e}") from None
-    model.set_attention(args.attention)
     wrapper = AutoregressiveWrapper(model, max_seq_len=cfg.max_seq_len, pad_value=ids["pad"] or 0)
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
