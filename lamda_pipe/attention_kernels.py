@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 # Triton tile sizes for FlexAttention in bf16/fp16. torch's Hopper defaults for head dim 64
 # (forward 128 x 128, 3 stages) need more shared memory than an H100/H200 has once our
 # score_mod's bias read is fused in, and fail to compile; bench/gpu.py times the candidates.
@@ -313,7 +315,7 @@ def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> boo
         return False  # KV-cache decoding: flex has no Tq < Tk path here
     if asked == "flex":
         if dropout_active:
-            raise ValueError("attention 'flex' has no attention dropout; use attention 'sdpa' or 'auto', "
+            raise ConfigError("attention 'flex' has no attention dropout; use attention 'sdpa' or 'auto', "
                              "or dropout 0")
         return True
     # Below FLEX_MIN_SEQ_LEN the masked sdpa path is faster on CUDA; on CPU torch has no flex backward.
@@ -349,7 +351,7 @@ ATTENTION_CHOICES = ("auto", *(k.name for k in KERNELS))  # what a user may ask 
 
 def check_attention_name(name: str) -> str:
     if name not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention kernel {name!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
+        raise ConfigError(f"unknown attention kernel {name!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
     return name
 
 

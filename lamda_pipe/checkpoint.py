@@ -181,20 +181,28 @@ class Checkpointer:
         """Saves if the cadence says so; returns whether it did. Collective: call on every rank."""
         if not self.should_save(step, last_step):
             return False
+        self._write(engine, step)
+        self._saved_at = step
+        return True
+
+    def _write(self, engine, step: int) -> None:
         tag = tag_for(step)
         record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
                                      micro_offset=engine.module.micro_offset)
         if self.rank == 0:
             begin_save(self.dir / tag, record, self.tokenizer)
         self.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=dataclasses.asdict(record), save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # the record is our file, written above
         self.barrier()  # every rank has written its files: only now is the checkpoint complete
         if self.rank == 0:
             for old in commit_save(self.dir, tag, self.keep_last):
                 self.log(f"deleted old checkpoint {old}")
         self.barrier()
+
+    def resumed_at(self, step: int, samples_consumed: int) -> None:
+        """Where the loaded checkpoint left off: the data position, and a save that exists."""
+        self._start = (step, samples_consumed)
         self._saved_at = step
-        return True
 
     def resume(self, engine, point: ResumePoint | None) -> None:
         """Loads `point` into the engine (converting it first if the layout changed) and restores
@@ -218,18 +226,18 @@ class Checkpointer:
         # this load only (a later ordinary checkpoint of this run loads without it).
         engine._config.load_universal_checkpoint = point.change_layout
         try:
-            path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
+            path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
         finally:
             engine._config.load_universal_checkpoint = False
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load a checkpoint from {point.tag_dir}")
-        client_state = client_state or {}
         step = engine.global_steps
-        samples = client_state.get("samples_consumed", step * self.global_batch)
+        # A checkpoint without our record (another tool's) can only be assumed to have read
+        # one global batch per step from the start, with the default dropout-seed counter.
+        samples = point.record.samples_consumed if point.record else step * self.global_batch
         # Dropout seeds derive from the count of forward passes (DeepSpeed's per-layer seeding):
         # restoring it makes a resumed run draw the masks the uninterrupted run would have.
-        engine.module.micro_offset = client_state.get("micro_offset", 0)
-        self._start = (step, samples)
-        self._saved_at = step
+        engine.module.micro_offset = point.record.micro_offset if point.record else 0
+        self.resumed_at(step, samples)
         if self.rank == 0:
             self.log(f"resumed from {path} at step {step}, {samples} samples consumed")

@@ -72,31 +72,46 @@ def test_resolver_takes_every_path_a_user_has(tmp_path):
         resolve_model(tmp_path / "run")
 
 
-class _Engine:
-    """Only what Checkpointer.save reads and calls; records the saves."""
+class _Recorded(Checkpointer):
+    """The real cadence; the write (DeepSpeed's collective save) replaced by a note of the step."""
 
-    def __init__(self):
-        self.module = type("M", (), {"micro_offset": 0})()
-        self.saved = []
-
-    def save_checkpoint(self, path, tag, client_state, save_latest):
-        self.saved.append((tag, client_state["samples_consumed"]))
+    def _write(self, engine, step):
+        self.written.append((step, self.samples_consumed(step)))
 
 
-def test_checkpointer_cadence_every_n_and_the_last_step_once(tmp_path):
+def test_checkpointer_cadence_every_n_and_the_last_step_once():
+    record = RunRecord.from_dict(json.loads((RELEASE_0_1_0 / "lamda_run.json").read_text()))
+    ckpt = _Recorded(Path("unused"), every=3, keep_last=None, global_batch=16, record=record, tokenizer=Path("t"),
+                     rank=0, barrier=lambda: None)
+    ckpt.written = []
+    for step in range(1, 8):
+        ckpt.save(None, step, last_step=step == 7)
+    ckpt.save(None, 7, last_step=True)  # the final save after the loop: already done
+    assert ckpt.written == [(3, 48), (6, 96), (7, 112)]
+
+
+def test_a_resumed_run_does_not_save_the_step_it_resumed_at_again():
+    record = RunRecord.from_dict(json.loads((RELEASE_0_1_0 / "lamda_run.json").read_text()))
+    ckpt = _Recorded(Path("unused"), every=100, keep_last=None, global_batch=16, record=record, tokenizer=Path("t"),
+                     rank=0, barrier=lambda: None)
+    ckpt.written = []
+    ckpt.resumed_at(200, 3200)  # what resume() records after loading global_step200
+    ckpt.save(None, 200, last_step=True)  # --steps 200 again: nothing to train, nothing to save
+    assert ckpt.written == [] and ckpt.samples_consumed(203) == 3248
+
+
+def test_checkpointer_writes_the_record_on_rank_0(tmp_path):
+    """begin_save + commit_save as Checkpointer._write calls them: the record lands with the data position."""
+    from lamda_pipe.checkpoint import begin_save, commit_save
+
     record = RunRecord.from_dict(json.loads((RELEASE_0_1_0 / "lamda_run.json").read_text()))
     tok = tmp_path / "tok.json"
     tok.write_text("{}")
-    ckpt = Checkpointer(tmp_path / CHECKPOINTS, every=3, keep_last=None, global_batch=16, record=record,
-                        tokenizer=tok, rank=0, barrier=lambda: None, log=lambda m: None)
-    engine = _Engine()
-    for step in range(1, 8):
-        ckpt.save(engine, step, last_step=step == 7)
-    ckpt.save(engine, 7, last_step=True)  # the final save after the loop: already done
-    assert engine.saved == [("global_step3", 48), ("global_step6", 96), ("global_step7", 112)]
+    tag_dir = tmp_path / CHECKPOINTS / tag_for(7)
+    begin_save(tag_dir, dataclasses.replace(record, global_steps=7, samples_consumed=112), tok)
+    commit_save(tag_dir.parent, tag_dir.name, keep_last=None)
     assert (tmp_path / CHECKPOINTS / LATEST).read_text() == "global_step7"
-    written = RunRecord.read(tmp_path / CHECKPOINTS / "global_step7")
-    assert written == dataclasses.replace(record, global_steps=7, samples_consumed=112, micro_offset=0)
+    assert RunRecord.read(tag_dir) == dataclasses.replace(record, global_steps=7, samples_consumed=112)
 
 
 def test_evaluator_cadence():
