@@ -46,17 +46,17 @@ class RunConfig:
     steps: int = _flag(200, "train until this many optimizer steps in total", type=int)
     seq_len: int | None = _flag(None, "tokens per sample (default: the preset's max)", type=int)
     run_dir: Path = _flag(Path("runs/demo"), "metrics.jsonl, TensorBoard events, checkpoints/ and data cache go here",
-                          type=Path)
+                          type=Path, metavar="DIR")
     data: str | None = _flag(None, "a dir written by lamda-prepare-data, or a mixture 'DIR_A:0.5,DIR_B:0.25'; "
-                             "default: the bundled corpus, prepared into RUN_DIR/data")
+                             "default: the bundled corpus, prepared into RUN_DIR/data", metavar="DIR|MIX")
     vocab_size: int | None = _flag(None, "override the preset's vocabulary size (e.g. to fit an existing tokenizer)",
                                    type=int)
     load: Path | None = _flag(None, "resume from the latest checkpoint in this directory (e.g. RUN_DIR/checkpoints)",
-                              type=Path)
+                              type=Path, metavar="DIR")
     resume: str | None = _flag(None, "auto: resume from RUN_DIR/checkpoints if it holds a checkpoint, else start; "
                                "a requeued job just reruns the same command", choices=lambda: ("auto",))
     init_from: Path | None = _flag(None, "start a new run from the weights of a checkpoint (dir) or an export, with "
-                                   "a fresh optimizer and step count: the basis of fine-tuning", type=Path)
+                                   "a fresh optimizer and step count: the basis of fine-tuning", type=Path, metavar="PATH")
     save_every: int = _flag(100, "save a checkpoint every N steps (and at the end)", type=int)
     keep_last: int | None = _flag(None, "keep only the newest N checkpoints", type=int)
     eval_every: int = _flag(50, "validation loss every N steps (0: never)", type=int)
@@ -66,11 +66,11 @@ class RunConfig:
     attention: str = _flag("auto", "attention kernel (lamda_pipe/attention.py): auto picks per device and length",
                            choices=_attention_kernels)
     peak_tflops: float | None = _flag(None, "peak TFLOP/s of one device, for the MFU in the logs (default: the bf16 "
-                                      "peak of a known GPU: A100, H100, H200; none on CPU)", type=float)
-    sample_prompt: str = _flag("And God said", "prompt for the sample printed at the end")
+                                      "peak of a known GPU: A100, H100, H200; none on CPU)", type=float, metavar="X")
+    sample_prompt: str = _flag("And God said", "prompt for the sample printed at the end", metavar="TEXT")
     sample_tokens: int = _flag(48, "tokens to sample at the end (0: no sample)", type=int)
     deepspeed_config: Path | None = _flag(None, "DeepSpeed JSON (default: lamda_pipe/ds_configs/ by hardware)",
-                                          type=Path, name="--deepspeed_config")
+                                          type=Path, name="--deepspeed_config", metavar="FILE")
     local_rank: int = _flag(-1, "set by the deepspeed launcher", type=int, name="--local_rank")
 
     def __post_init__(self):
@@ -120,6 +120,10 @@ class RunConfig:
                 kwargs["type"] = m["type"]
             if m["choices"] is not None:
                 kwargs["choices"] = m["choices"]()
+            elif m["type"] is int:
+                kwargs["metavar"] = "N"
+            elif m["metavar"] is not None:
+                kwargs["metavar"] = m["metavar"]
             p.add_argument(m["name"] or f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
         # DeepSpeed's own launcher conventions (--deepspeed, --deepscale...): accepted, unused.
         p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
