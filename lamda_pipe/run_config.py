@@ -56,7 +56,8 @@ class RunConfig:
     resume: str | None = _flag(None, "auto: resume from RUN_DIR/checkpoints if it holds a checkpoint, else start; "
                                "a requeued job just reruns the same command", choices=lambda: ("auto",))
     init_from: Path | None = _flag(None, "start a new run from the weights of a checkpoint (dir) or an export, with "
-                                   "a fresh optimizer and step count: the basis of fine-tuning", type=Path, metavar="PATH")
+                                   "a fresh optimizer and step count: the basis of fine-tuning",
+                                   type=Path, metavar="PATH")
     save_every: int = _flag(100, "save a checkpoint every N steps (and at the end)", type=int)
     keep_last: int | None = _flag(None, "keep only the newest N checkpoints", type=int)
     eval_every: int = _flag(50, "validation loss every N steps (0: never)", type=int)

@@ -122,5 +122,6 @@ def test_resume_converts_exactly_when_the_bounds_differ(runs, monkeypatch):
     other = plan_for(runs / "reference", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
     assert (other.bounds, other.resume.change_layout) == ((0, 3, 7), True)
     old = plan_for(runs / "two_stages", "--partition", "type:BlockPipe", monkeypatch=monkeypatch)
-    assert (old.resume.saved_layout.stage_bounds, old.resume.change_layout) == ((0, 3, 7), False)  # no record: type:BlockPipe's
+    # the checkpoint recorded no bounds: they are type:BlockPipe's
+    assert (old.resume.saved_layout.stage_bounds, old.resume.change_layout) == ((0, 3, 7), False)
     assert plan_for(runs / "two_stages", monkeypatch=monkeypatch).resume.change_layout
