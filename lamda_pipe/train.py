@@ -123,12 +123,12 @@ def train(plan: Plan) -> int:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     sources = plan.sources or demo_sources(run, cfg, rank, dist.barrier)
     engine = build_engine(plan, rank)
-    checkpointer = make_checkpointer(plan, sources, engine, rank, dist.barrier)
+    checkpointer = make_checkpointer(plan, sources, rank, dist.barrier)
     checkpointer.resume(engine, plan.resume)
     train_iter, evaluator = data_streams(plan, sources, engine, checkpointer.samples_consumed(engine.global_steps))
     logger = make_logger(plan, engine, rank, dist.get_world_size())
     if rank == 0:
-        describe_run(plan, sources, evaluator, engine)
+        describe_run(plan, sources, evaluator)
 
     logger.start(engine.global_steps)
     t_start = time.perf_counter()
@@ -190,7 +190,7 @@ def build_engine(plan: Plan, rank: int):
     return engine
 
 
-def make_checkpointer(plan: Plan, sources, engine, rank: int, barrier):
+def make_checkpointer(plan: Plan, sources, rank: int, barrier):
     from .checkpoint import Checkpointer
 
     run = plan.run
@@ -242,7 +242,7 @@ def loss_scale(engine) -> float:
     return float(scale or 1.0)
 
 
-def describe_run(plan: Plan, sources, evaluator, engine) -> None:
+def describe_run(plan: Plan, sources, evaluator) -> None:
     run, cfg, batch = plan.run, plan.model, plan.batch
     mix = ", ".join(f"{s.directory} ({s.weight:.3g}: {len(s.tokens('train')):,} train / "
                     f"{len(s.tokens('val')):,} val tokens)" for s in sources)
