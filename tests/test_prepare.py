@@ -286,3 +286,13 @@ def test_cli_hub_dataset_offline(tok_path, tmp_path):
     assert r.stderr.startswith("error: could not reach dataset EleutherAI/pile on the Hugging Face Hub")
     assert r.stderr.count("\n") == 1 and "--input" in r.stderr
     assert not (tmp_path / "pile").exists()
+
+
+def test_prepare_and_its_workers_import_no_torch():
+    """Each spawned worker imports lamda_pipe.data.prepare (and through it lamda_pipe.distributed,
+    for pid_alive): neither may pull in torch or DeepSpeed, seconds of start-up per worker."""
+    code = ("import sys, lamda_pipe.data.prepare, lamda_pipe.distributed; "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "['numpy']"  # numpy is needed; it shows the check sees imports
