@@ -28,14 +28,9 @@ import time
 from pathlib import Path
 
 from lamda_pipe.distributed import pid_alive  # one liveness check for the project
+from tests.dist_utils import free_port
 
 APT_TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts import SlurmCluster, free_port, sbatch_env, skip, slurm_unavailable
+from tests.dist_utils import free_port
+from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "slurm"
