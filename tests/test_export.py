@@ -16,13 +16,13 @@ from lamda_pipe.run_format import resolve_model as resolve
 from lamda_pipe.model import LaMDA
 from lamda_pipe.data.tokenizer import load_tokenizer, vocab_size
 from tests.dist_utils import run_ranks
-from tests.export_utils import train_tiny_tokenizer, write_run_info
+from tests.helpers import TINY_PIPE, train_tiny_tokenizer, write_run_info
 
 SEQ, MBS, GAS, STEPS = 16, 2, 2, 2
 
 
 def cfg_for(vocab: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)
+    return TINY_PIPE.replace(vocab_size=vocab)
 
 
 def batches(vocab: int, n: int, seed: int):

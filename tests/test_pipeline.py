@@ -12,8 +12,9 @@ import torch
 from lamda_pipe.config import PRESETS, ModelConfig
 from lamda_pipe.data.loader import MicroBatchStream
 from tests.dist_utils import run_ranks
+from tests.helpers import TINY_PIPE
 
-CFG = ModelConfig(vocab_size=211, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)
+CFG = TINY_PIPE
 SEQ, MBS, GAS, STEPS = 16, 2, 4, 5
 
 
