@@ -11,6 +11,8 @@ from lamda_pipe.attention import ATTENTION_CHOICES, AttentionSetting
 from lamda_pipe.attention_kernels import FLEX_MIN_SEQ_LEN, select_kernel
 from tests.helpers import TINY
 
+pytestmark = pytest.mark.unit
+
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 MAXD = 128  # cpu_flash pays off from T > 2 * MAXD = 256

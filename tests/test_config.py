@@ -16,6 +16,8 @@ from lamda_pipe.ds_config import (CONFIG_DIR, BatchShape, ConfigError, check_run
                                   fill_run_values, load_config, resolve_batch)
 from tests.helpers import TINY
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 

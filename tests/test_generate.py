@@ -20,7 +20,7 @@ from tests.helpers import train_tiny_tokenizer, write_layer_files, write_run_inf
 TINY = helpers.TINY_FEW_BUCKETS  # a 40-token context reaches every kind of bucket
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]  # one_thread: see tests/conftest.py
 
 
 def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> LaMDA:

@@ -21,9 +21,7 @@ from tests.helpers import TINY, TINY_FEW_BUCKETS, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]  # one_thread: see tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import pytest
 from tests.dist_utils import free_port
 from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
 
+pytestmark = pytest.mark.launch  # a real Slurm
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "slurm"
 JOB_TIMEOUT = 180
