@@ -1,4 +1,6 @@
-"""Process-group start-up shared by every launcher: deepspeed, torchrun and Slurm's srun."""
+"""Process-group start-up shared by every launcher: deepspeed, torchrun and Slurm's srun, and the
+project's one process-liveness check. torch and DeepSpeed are imported inside the functions that
+need them: importing this module must stay cheap (data-preparation workers import it)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,18 @@ def launch_env(local_rank_arg: int = -1) -> LaunchEnv:
     local_rank = int(env.get("LOCAL_RANK", max(local_rank_arg, 0)))
     local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
     return LaunchEnv(int(env.get("RANK", 0)), world, local_rank, max(local_world, 1))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host (a zombie counts as alive). Without
+    torch: data-preparation workers import this module."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def set_cpu_threads(local_world_size: int) -> int:

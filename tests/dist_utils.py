@@ -17,6 +17,7 @@ from multiprocessing.connection import wait
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the one definition for every test)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

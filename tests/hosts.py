@@ -27,15 +27,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from lamda_pipe.data.prepare import _pid_alive  # one liveness check for the project
+from lamda_pipe.distributed import pid_alive  # one liveness check for the project
+from tests.dist_utils import free_port
 
 APT_TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -97,7 +92,7 @@ def _wait_gone(pids, timeout: float) -> list[int]:
     alive = list(pids)
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = [p for p in alive if _pid_alive(p) and not _is_zombie(p)]
+        alive = [p for p in alive if pid_alive(p) and not _is_zombie(p)]
     return alive
 
 
@@ -158,7 +153,7 @@ def reap_stale_namespaces() -> None:
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
         m = NS_PATTERN.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
                                   timeout=30).stdout.split()
             _kill_pids(int(p) for p in pids)
@@ -395,7 +390,7 @@ def reap_stale_slurm() -> None:
         for var in env.split(b"\0"):
             if var.startswith(b"SLURM_CONF="):
                 m = SLURM_DIR_PATTERN.search(var.decode(errors="replace"))
-                return bool(m) and not _pid_alive(int(m.group(1)))
+                return bool(m) and not pid_alive(int(m.group(1)))
         return False
     pids = _pids_with_env(stale)
     _kill_pids(pids)
@@ -404,7 +399,7 @@ def reap_stale_slurm() -> None:
 
     for d in Path(tempfile.gettempdir()).glob("lpslurm-*-*"):
         m = SLURM_DIR_PATTERN.search(d.name + "-")
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import lamda_pipe.attention_kernels as kernels_mod
-from lamda_pipe import LaMDA, ModelConfig
+from lamda_pipe import LaMDA
 from lamda_pipe.attention import ATTENTION_CHOICES, AttentionSetting
 from lamda_pipe.attention_kernels import FLEX_MIN_SEQ_LEN, select_kernel
+from tests.helpers import TINY
 
-TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+pytestmark = pytest.mark.unit
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

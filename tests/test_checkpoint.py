@@ -13,6 +13,8 @@ from lamda_pipe.errors import CheckpointError
 from lamda_pipe.metrics import drop_partial_last_line
 from lamda_pipe.run_format import COMPLETE, RUN_RECORD, RunRecord, latest_tag_dir
 
+pytestmark = pytest.mark.unit
+
 INFO = RunRecord(model_preset="debug", model_config=ModelConfig(depth=2), pipe_stages=2, data_parallel=1,
                  global_steps=0, samples_consumed=0)
 

@@ -14,6 +14,9 @@ from lamda_pipe import LaMDA, ModelConfig, flops_per_token, param_count
 from lamda_pipe.config import get_preset
 from lamda_pipe.ds_config import (CONFIG_DIR, BatchShape, ConfigError, check_run, default_config_path,
                                   fill_run_values, load_config, resolve_batch)
+from tests.helpers import TINY
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +84,7 @@ def test_flops_per_token_against_flop_counter(seq_len, monkeypatch):
     import lamda_pipe.attention_kernels
 
     monkeypatch.setattr(lamda_pipe.attention_kernels, "HAS_CPU_FLASH", False)
-    cfg = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+    cfg = TINY
     torch.manual_seed(0)
     model = LaMDA(config=cfg).eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, seq_len))

@@ -11,6 +11,8 @@ import torch
 from lamda_pipe.data.loader import (MIX_BLOCK, DataError, MicroBatchStream, Mixture, bundled_corpus,
                              open_sources, parse_data_spec)
 
+pytestmark = pytest.mark.unit
+
 
 # ---------------------------------------------------------------------------------------------
 # MicroBatchStream

@@ -14,6 +14,8 @@ import torch
 
 from tests.dist_utils import free_port
 
+pytestmark = pytest.mark.launch  # the deepspeed launcher, and ds_train.py as a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 DS_TRAIN = str(ROOT / "ds_train.py")
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

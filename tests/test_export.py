@@ -16,13 +16,13 @@ from lamda_pipe.run_format import resolve_model as resolve
 from lamda_pipe.model import LaMDA
 from lamda_pipe.data.tokenizer import load_tokenizer, vocab_size
 from tests.dist_utils import run_ranks
-from tests.export_utils import train_tiny_tokenizer, write_run_info
+from tests.helpers import TINY_PIPE, train_tiny_tokenizer, write_run_info
 
 SEQ, MBS, GAS, STEPS = 16, 2, 2, 2
 
 
 def cfg_for(vocab: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)
+    return TINY_PIPE.replace(vocab_size=vocab)
 
 
 def batches(vocab: int, n: int, seed: int):
@@ -79,6 +79,7 @@ def eval_inputs(cfg):
     return next(batches(cfg.vocab_size, 1, seed=2))
 
 
+@pytest.mark.distributed
 def test_exported_logits_equal_the_pipeline_checkpoints(run, exported):
     """Independent oracle: the 2-stage DeepSpeed engine's eval logits on the same tokens."""
     assert sorted(r["stage"] for r in run["results"]) == [0, 1]
@@ -94,6 +95,7 @@ def test_exported_logits_equal_the_pipeline_checkpoints(run, exported):
         assert loss == pytest.approx(r["loss"], abs=1e-5)
 
 
+@pytest.mark.distributed
 def test_export_dir_contents_and_config(run, exported):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     config = json.loads((exported / "config.json").read_text())
@@ -105,6 +107,7 @@ def test_export_dir_contents_and_config(run, exported):
     assert [p.name for p in exported.parent.iterdir() if p.name.startswith(".")] == []  # no temp dir left
 
 
+@pytest.mark.distributed
 def test_safetensors_without_pickle_and_tied_weight_once(run, exported, monkeypatch):
     from safetensors.torch import load_file
 
@@ -123,6 +126,7 @@ def test_safetensors_without_pickle_and_tied_weight_once(run, exported, monkeypa
         assert torch.equal(v, state[k])
 
 
+@pytest.mark.distributed
 def test_bf16_export_halves_the_file_and_loads(run, exported, tmp_path):
     bf16 = export_checkpoint(run["tag"], tmp_path / "bf16", dtype="bf16")
     size32, size16 = ((d / "model.safetensors").stat().st_size for d in (exported, bf16))
@@ -137,6 +141,7 @@ def test_bf16_export_halves_the_file_and_loads(run, exported, tmp_path):
     assert next(up.parameters()).dtype == torch.float32
 
 
+@pytest.mark.distributed
 def test_resolver_accepts_run_checkpoints_tag_and_export_dirs(run, exported, tmp_path):
     tag = run["tag"]
     for path in (run["dir"], run["dir"] / "checkpoints", tag):
@@ -154,6 +159,7 @@ def test_resolver_accepts_run_checkpoints_tag_and_export_dirs(run, exported, tmp
         resolve(bad.parent)
 
 
+@pytest.mark.distributed
 def test_missing_layer_file_is_named(run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(run["tag"], broken)
@@ -164,6 +170,7 @@ def test_missing_layer_file_is_named(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no temp dir left behind
 
 
+@pytest.mark.distributed
 def test_cli_refuses_existing_out_and_force_replaces_only_an_export(run, exported, tmp_path, capsys):
     from lamda_pipe.tools.export import main
 
@@ -186,6 +193,7 @@ def test_cli_refuses_existing_out_and_force_replaces_only_an_export(run, exporte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "mine"]
 
 
+@pytest.mark.distributed
 def test_cli_missing_layer_file_exit_2(run, tmp_path, capsys):
     from lamda_pipe.tools.export import main
 
@@ -197,11 +205,13 @@ def test_cli_missing_layer_file_exit_2(run, tmp_path, capsys):
     assert err.startswith("error: ") and "layer_00-model_states.pt is missing" in err and "\n" not in err
 
 
+@pytest.mark.unit
 def test_from_pretrained_names_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing config.json and model.safetensors"):
         LaMDA.from_pretrained(tmp_path)
 
 
+@pytest.mark.distributed
 def test_generate_from_checkpoint_equals_generate_from_export(run, exported, capsys):
     """lamda-generate loads either kind of --model (a run dir goes through load_plain_model)."""
     from lamda_pipe.tools.generate import main

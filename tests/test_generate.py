@@ -14,22 +14,17 @@ import lamda_pipe.attention as attention_mod
 from lamda_pipe import AutoregressiveWrapper, LaMDA, ModelConfig
 from lamda_pipe.export import export_checkpoint
 from lamda_pipe.data.tokenizer import load_tokenizer, special_ids, vocab_size
-from tests.export_utils import train_tiny_tokenizer, write_layer_files, write_run_info
+from tests import helpers
+from tests.helpers import train_tiny_tokenizer, write_layer_files, write_run_info
 
-TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64,
-                   num_buckets=8, max_distance=20)  # a 40-token context reaches every kind of bucket
+TINY = helpers.TINY_FEW_BUCKETS  # a 40-token context reaches every kind of bucket
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]  # one_thread: see tests/conftest.py
 
 
 def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> LaMDA:
-    torch.manual_seed(seed)
-    model = LaMDA(config=cfg).eval()
-    with torch.no_grad():  # a non-zero bias table, so positions matter in every check below
-        for block in model.blocks:
-            block.attn.rel_bias.weight.normal_(std=0.5)
-    return model
+    return helpers.tiny_model(cfg, seed, bias_std=0.5)  # a non-zero bias table: positions matter in every check
 
 
 def full_logits(model: LaMDA, prompt: torch.Tensor, new: torch.Tensor, window: int | None = None) -> torch.Tensor:

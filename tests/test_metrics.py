@@ -15,9 +15,6 @@ from lamda_pipe.ds_config import fill_run_values
 from lamda_pipe.metrics import (PEAK_BF16_TFLOPS, ConsoleSink, JsonlSink, MetricsLogger, MonitorSink, Sink,
                                 drop_partial_last_line, peak_tflops_for, run_sinks)
 
-pytestmark = pytest.mark.unit
-
-
 class Clock:
     """A wall clock the test sets: throughput becomes exact."""
 
@@ -44,6 +41,7 @@ def make_logger(sinks, clock, **kw):
     return MetricsLogger(sinks, clock=clock, **kw)
 
 
+@pytest.mark.unit
 def test_train_record_throughput_tflops_mfu():
     clock, rec = Clock(), Recorder()
     logger = make_logger([rec], clock)
@@ -64,6 +62,7 @@ def test_train_record_throughput_tflops_mfu():
     assert rec.closed
 
 
+@pytest.mark.unit
 def test_loss_scale_goes_to_the_curves_only_when_deepspeed_does_not_write_it():
     """Under fp16 DeepSpeed's engine writes Train/Samples/loss_scale itself; a second series
     under the same tag would interleave with it."""
@@ -78,6 +77,7 @@ def test_loss_scale_goes_to_the_curves_only_when_deepspeed_does_not_write_it():
         assert ("loss_scale" in rec.writes[0][1]) is expected
 
 
+@pytest.mark.unit
 def test_no_peak_no_mfu_and_no_elapsed_time_is_nan(capsys):
     clock = Clock()
     logger = make_logger([ConsoleSink()], clock, peak_tflops=None)
@@ -86,6 +86,7 @@ def test_no_peak_no_mfu_and_no_elapsed_time_is_nan(capsys):
     assert "MFU" not in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_eval_record_and_the_formats_of_file_and_stdout(tmp_path, capsys):
     """The metrics.jsonl lines and stdout lines other tools and people read, byte for byte."""
     clock = Clock()
@@ -109,12 +110,14 @@ def test_eval_record_and_the_formats_of_file_and_stdout(tmp_path, capsys):
         "step     30 | val loss 1.0000 | val ppl 2.72\n")
 
 
+@pytest.mark.unit
 def test_eval_scalars_name_each_source():
     rec = Recorder()
     make_logger([rec], Clock()).log_eval(7, 112, 2.0, {"law": 1.5, "wisdom": 3.5})
     assert rec.writes[0][1:] == ({"val_loss": 2.0, "val_loss/law": 1.5, "val_loss/wisdom": 3.5}, 112)
 
 
+@pytest.mark.unit
 def test_other_ranks_write_nothing(tmp_path, capsys):
     assert run_sinks(tmp_path, enabled=False, monitor=object()) == []
     logger = make_logger(run_sinks(tmp_path, enabled=False), Clock())
@@ -125,6 +128,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
 
 
+@pytest.mark.unit
 def test_jsonl_sink_repairs_a_cut_line_and_appends(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
@@ -134,12 +138,14 @@ def test_jsonl_sink_repairs_a_cut_line_and_appends(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.unit
 def test_peak_table_and_helpers_stay_importable():
     assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0 and peak_tflops_for("NVIDIA H200") == 989.4
     assert peak_tflops_for("cpu") is None and ("A100", 312.0) in PEAK_BF16_TFLOPS
     assert callable(drop_partial_last_line)
 
 
+@pytest.mark.unit
 def test_fill_run_values_puts_csv_and_wandb_under_the_run_dir(tmp_path):
     ds = {"csv_monitor": {"enabled": True, "job_name": "csv"}, "wandb": {"enabled": True, "project": "p"}}
     env = {}
@@ -213,6 +219,7 @@ def scalar_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.distributed
 def test_tensorboard_and_csv_through_deepspeeds_monitor(tmp_path, rank0, capsys):
     ds = fill_run_values({"tensorboard": {"enabled": True, "job_name": "tensorboard"},
                           "csv_monitor": {"enabled": True, "job_name": "csv"}}, steps=3, run_dir=tmp_path)
@@ -268,6 +275,7 @@ def wandb_history(path: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
+@pytest.mark.distributed
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_wandb_offline_run_lands_in_the_run_dir(tmp_path, rank0, monkeypatch):
     pytest.importorskip("wandb")
@@ -302,6 +310,7 @@ def test_wandb_offline_run_lands_in_the_run_dir(tmp_path, rank0, monkeypatch):
     assert rows[32]["Train/Samples/val_loss"] == 2.5 and rows[32]["Train/Samples/val_loss/law"] == 2.0
 
 
+@pytest.mark.distributed
 def test_monitor_sink_skips_a_disabled_monitor(tmp_path, rank0):
     monitor = monitor_for({})  # nothing enabled in the JSON
     assert not monitor.enabled
@@ -311,6 +320,7 @@ def test_monitor_sink_skips_a_disabled_monitor(tmp_path, rank0):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_logging_cadence_every_n_steps_and_the_last():
     logger = MetricsLogger([], tokens_per_step=1, flops_per_token=1, log_every=10)
     assert [s for s in range(1, 36) if logger.should_log(s, last_step=s == 35)] == [10, 20, 30, 35]

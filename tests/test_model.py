@@ -17,21 +17,11 @@ from lamda_pipe.attention_kernels import _BandBiasGrad
 from lamda_pipe.generation import top_k_filter
 from lamda_pipe.model import Attention
 from lamda_pipe.reference import naive_attention, naive_bias, naive_bucket
+from tests.helpers import TINY, TINY_FEW_BUCKETS, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
-# Few buckets and a short max distance so a 40-token sequence reaches every kind of bucket:
-# exact (0..3), log-spaced (4..7) and the saturated last one (distance >= 20).
-TINY_FEW_BUCKETS = TINY.replace(num_buckets=8, max_distance=20)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
-
-
-def tiny_model(cfg: ModelConfig = TINY, seed: int = 0) -> LaMDA:
-    torch.manual_seed(seed)
-    return LaMDA(config=cfg).eval()
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]  # one_thread: see tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

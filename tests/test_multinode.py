@@ -23,6 +23,8 @@ import pytest
 from tests.dist_utils import run_ranks
 from tests.hosts import NamespaceHosts, SlurmCluster, hosts_unavailable, sbatch_env, skip, slurm_unavailable
 
+pytestmark = pytest.mark.launch  # namespace hosts, pdsh/ssh and Slurm
+
 ROOT = Path(__file__).resolve().parent.parent
 DS_TRAIN = str(ROOT / "ds_train.py")
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

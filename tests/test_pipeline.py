@@ -12,8 +12,9 @@ import torch
 from lamda_pipe.config import PRESETS, ModelConfig
 from lamda_pipe.data.loader import MicroBatchStream
 from tests.dist_utils import run_ranks
+from tests.helpers import TINY_PIPE
 
-CFG = ModelConfig(vocab_size=211, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)
+CFG = TINY_PIPE
 SEQ, MBS, GAS, STEPS = 16, 2, 4, 5
 
 
@@ -75,6 +76,7 @@ def two_stages(tmp_path_factory):
     return run_ranks(train_losses, 2, 2, str(ckpt)), ckpt
 
 
+@pytest.mark.distributed
 def test_two_stages_match_one_stage_bit_for_bit(one_stage, two_stages):
     """Per-layer seeding makes init and dropout independent of the split (dropout is 0.1)."""
     results, _ = two_stages
@@ -84,6 +86,7 @@ def test_two_stages_match_one_stage_bit_for_bit(one_stage, two_stages):
         assert r["losses"] == one_stage["losses"]
 
 
+@pytest.mark.distributed
 def test_tied_embedding_identical_on_both_stages(one_stage, two_stages):
     results, _ = two_stages
     first, last = sorted(results, key=lambda r: r["stage"])
@@ -104,6 +107,7 @@ def make_reference_init():
     return run_ranks(init, 1)[0]
 
 
+@pytest.mark.distributed
 def test_plain_model_from_pipeline_checkpoint_matches_pipeline(two_stages):
     """The per-layer checkpoint files rebuild the plain LaMDA exactly: its loss on the next
     batch equals the 2-stage pipeline's eval loss on that batch."""
@@ -145,6 +149,7 @@ def losses_with(rank, stages, ds_overrides, model_cfg, steps=STEPS, patch_fp16=F
     return {"losses": losses, "scales": scales, "skipped": engine.skipped_steps, "parts": list(net.parts)}
 
 
+@pytest.mark.distributed
 def test_activation_checkpointing_gives_the_same_losses():
     """Recomputing blocks in the backward pass must not change the result (dropout 0: with
     dropout, DeepSpeed seeds checkpointed layers differently)."""
@@ -168,12 +173,14 @@ def shipped_config(name, **extra):
     return config
 
 
+@pytest.mark.distributed
 def test_bf16_config_trains_two_stages():
     result = run_ranks(losses_with, 2, 2, shipped_config("gpu_bf16.json"), CFG.replace(dropout=0.0), 8)[0]
     assert all(np.isfinite(result["losses"]))
     assert result["losses"][-1] < result["losses"][0] - 0.5
 
 
+@pytest.mark.distributed
 def test_fp16_dynamic_loss_scale_backs_off_on_overflow():
     """gpu_fp16.json with a start scale of 2^32: fp16 gradients overflow, DeepSpeed skips those
     steps and halves the scale (hysteresis 1) until steps go through."""
@@ -207,6 +214,7 @@ def hand_two_stage_bounds(cfg: ModelConfig, seq_len: int) -> list[int]:
     return [0, k + 1, cfg.depth + 3]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seq_len", [256, 2048])
 def test_flops_partition_of_readme_at_two_stages(seq_len):
     """readme: a block is 6 x 4,195,584 + 12 x 8 x 64 x T FLOPs (26.8M at T=256, 37.8M at 2048),
@@ -220,6 +228,7 @@ def test_flops_partition_of_readme_at_two_stages(seq_len):
     assert stage_bounds(cfg, 2) == [0, 8, 15]  # seq_len defaults to the preset's 2048
 
 
+@pytest.mark.unit
 def test_flops_partition_of_debug_at_two_stages():
     """debug at seq 128: a block is 6 x 65,792 + 12 x 4 x 16 x 128 = 493,056 FLOPs, the head
     6 x 2048 x 64 = 786,432 (1.6 blocks): 3 blocks | 1 block + head (1.48M vs 1.28M; 2 | 2
@@ -234,6 +243,7 @@ def test_flops_partition_of_debug_at_two_stages():
     assert stage_bounds(cfg, 1, 128) == [0, 7]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("preset", ["debug", "readme", "lamda-2b", "lamda-8b"])
 @pytest.mark.parametrize("stages", [2, 4])
 def test_every_stage_gets_a_block_and_the_slowest_stage_is_as_fast_as_it_can_be(preset, stages):
@@ -260,6 +270,7 @@ def test_every_stage_gets_a_block_and_the_slowest_stage_is_as_fast_as_it_can_be(
     assert slowest([b - 1 for b in bounds[1:-1]]) == best
 
 
+@pytest.mark.unit
 def test_seq_len_can_move_a_bound():
     """Attention grows with T, the head does not: readme at 4 stages splits 4 | 4 | 3 | 1 + head
     at seq 256 but 4 | 3 | 3 | 2 + head at 2048. Such a change is a change of layout on resume."""
@@ -270,6 +281,7 @@ def test_seq_len_can_move_a_bound():
     assert stage_bounds(cfg, 4, 2048) == [0, 5, 8, 11, 15]
 
 
+@pytest.mark.distributed
 def test_uneven_split_still_matches_one_stage_bit_for_bit():
     """With a large vocabulary the head outweighs blocks: the split is 3 | 1 + head, and the
     losses still equal one stage's (seeds follow the global layer index, dropout is 0.1)."""

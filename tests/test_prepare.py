@@ -49,6 +49,7 @@ def read_split(out, name, meta):
     return np.fromfile(out / meta["splits"][name]["file"], dtype=meta["dtype"]).astype(np.int64)
 
 
+@pytest.mark.distributed
 def test_prepared_tokens_equal_direct_tokenization(docs, tok_path, tmp_path):
     meta = prepare_data(iter(docs), tok_path, tmp_path / "out", val_fraction=0.05, workers=2, batch_docs=7,
                         source="bible", progress=False)
@@ -60,6 +61,7 @@ def test_prepared_tokens_equal_direct_tokenization(docs, tok_path, tmp_path):
     assert 0 < n_val == meta["splits"]["val"]["documents"] and meta["splits"]["train"]["documents"] == 149 - n_val
 
 
+@pytest.mark.unit
 def test_meta_json(docs, tok_path, tmp_path):
     meta = prepare_data(docs[:30], tok_path, tmp_path / "out", val_fraction=0.1, workers=1, source="first 30",
                         progress=False)
@@ -81,6 +83,7 @@ def test_meta_json(docs, tok_path, tmp_path):
                                                                    "val.bin"]
 
 
+@pytest.mark.distributed
 def test_deterministic_across_runs_and_worker_counts(docs, tok_path, tmp_path):
     outs = []
     for i, workers in enumerate([1, 2, 2]):
@@ -90,6 +93,7 @@ def test_deterministic_across_runs_and_worker_counts(docs, tok_path, tmp_path):
     assert outs[0] == outs[1] == outs[2]
 
 
+@pytest.mark.distributed
 def test_validation_split_rules(tok_path, tmp_path):
     fractions = [sum(is_val_document(i, f) for i in range(10_000)) / 10_000 for f in (0.01, 0.1, 0.5)]
     assert fractions == pytest.approx([0.01, 0.1, 0.5], abs=0.001)  # evenly spread, not just on average
@@ -112,6 +116,7 @@ def test_validation_split_rules(tok_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+@pytest.mark.distributed
 def test_token_dtype_follows_vocab_size(docs, tok_path, tmp_path):
     assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
     # a tokenizer whose ids need 32 bits: 68000 unused pieces, then an added token (id 70048)
@@ -129,6 +134,7 @@ def test_token_dtype_follows_vocab_size(docs, tok_path, tmp_path):
     assert 70048 in ids and np.array_equal(ids, expected(big, text, 0.0)[0])
 
 
+@pytest.mark.distributed
 def test_refuses_to_overwrite_without_force(docs, tok_path, tmp_path):
     out = tmp_path / "out"
     prepare_data(docs[:10], tok_path, out, progress=False)
@@ -154,7 +160,8 @@ def test_refuses_to_overwrite_without_force(docs, tok_path, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.unit),
+                                     pytest.param(2, marks=pytest.mark.distributed)])  # 2: a worker pool
 def test_failure_midway_leaves_nothing(docs, tok_path, tmp_path, workers):
     def failing():
         yield from docs[:40]
@@ -184,6 +191,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.launch
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_sigkill_midway_leaves_no_output_and_no_workers(docs, tok_path, tmp_path):
     big = tmp_path / "big.txt"
@@ -221,6 +229,7 @@ def test_sigkill_midway_leaves_no_output_and_no_workers(docs, tok_path, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "data"]
 
 
+@pytest.mark.unit
 def test_read_meta_errors(docs, tok_path, tmp_path):
     with pytest.raises(DataError, match=r"missing: no such data dir; prepare it with `lamda-prepare-data"):
         read_meta(tmp_path / "missing")
@@ -228,7 +237,7 @@ def test_read_meta_errors(docs, tok_path, tmp_path):
     with pytest.raises(DataError, match=r"empty is not a prepared data dir: no meta.json; prepare it with"):
         read_meta(tmp_path / "empty")
     out = tmp_path / "out"
-    meta = prepare_data(docs[:20], tok_path, out, val_fraction=0.2, progress=False)
+    meta = prepare_data(docs[:20], tok_path, out, val_fraction=0.2, workers=1, progress=False)
     n = meta["splits"]["val"]["tokens"]
     with open(out / "val.bin", "r+b") as f:
         f.truncate(2 * n - 2)
@@ -244,6 +253,7 @@ def test_read_meta_errors(docs, tok_path, tmp_path):
 
 # --- lamda-prepare-data ----------------------------------------------------------------------------
 
+@pytest.mark.distributed
 def test_cli_prepares_a_dir(docs, tok_path, tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:30]))
     out = tmp_path / "data" / "docs"
@@ -257,6 +267,7 @@ def test_cli_prepares_a_dir(docs, tok_path, tmp_path, capsys):
     assert np.array_equal(read_split(out, "train", meta), want_train)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra, message", [
     (["--input", "missing.txt"], "error: --input missing.txt: no such file"),
     (["--input", "a.txt", "--tokenizer", "nope.json"], "error: --tokenizer nope.json: no such file"),
@@ -276,6 +287,7 @@ def test_cli_bad_input_is_one_line_exit_2(tok_path, tmp_path, capsys, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "taken"]
 
 
+@pytest.mark.launch
 def test_cli_hub_dataset_offline(tok_path, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     start = time.monotonic()
@@ -286,3 +298,14 @@ def test_cli_hub_dataset_offline(tok_path, tmp_path):
     assert r.stderr.startswith("error: could not reach dataset EleutherAI/pile on the Hugging Face Hub")
     assert r.stderr.count("\n") == 1 and "--input" in r.stderr
     assert not (tmp_path / "pile").exists()
+
+
+@pytest.mark.launch
+def test_prepare_and_its_workers_import_no_torch():
+    """Each spawned worker imports lamda_pipe.data.prepare (and through it lamda_pipe.distributed,
+    for pid_alive): neither may pull in torch or DeepSpeed, seconds of start-up per worker."""
+    code = ("import sys, lamda_pipe.data.prepare, lamda_pipe.distributed; "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "['numpy']"  # numpy is needed; it shows the check sees imports

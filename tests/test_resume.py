@@ -11,10 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.dist_utils import free_port
 from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT, launch, read_metrics
+
+pytestmark = pytest.mark.launch  # kills and resumes through the deepspeed launcher
 
 STEPS = 10
 FLAGS = ["--steps", str(STEPS), "--save-every", "2", "--eval-every", "4", "--eval-iters", "1",

@@ -11,6 +11,8 @@ import pytest
 from lamda_pipe.errors import ConfigError
 from lamda_pipe.run_config import RunConfig
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,8 @@ from lamda_pipe.errors import CheckpointError
 from lamda_pipe.evaluate import Evaluator
 from lamda_pipe.run_format import (CHECKPOINTS, LATEST, RUN_RECORD, RunRecord, resolve_model, step_of, tag_for)
 
+pytestmark = pytest.mark.unit
+
 RELEASE_0_1_0 = Path(__file__).resolve().parent / "fixtures" / "release_0.1.0"
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts import SlurmCluster, free_port, sbatch_env, skip, slurm_unavailable
+from tests.dist_utils import free_port
+from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
+
+pytestmark = pytest.mark.launch  # a real Slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts" / "slurm"

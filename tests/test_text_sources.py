@@ -14,6 +14,8 @@ from lamda_pipe.data import text_sources
 from lamda_pipe.data.loader import bundled_corpus
 from lamda_pipe.data.text_sources import DataError, check_source, describe_source, iter_documents
 
+pytestmark = pytest.mark.unit
+
 DOCS = ["First document.", "Naïve café in 東京 🙂", "Third\nspans two lines.", "Fourth — last."]
 
 

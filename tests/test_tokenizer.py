@@ -28,11 +28,13 @@ def tok(corpus_docs):
     return train_tokenizer(corpus_docs, vocab_size=2048)
 
 
+@pytest.mark.unit
 def test_round_trip_is_exact_on_non_ascii_text(tok, corpus_docs):
     for text in (UNICODE, UNSEEN, "trailing spaces  ", "a\n\n\nb", corpus_docs[3], "x" * 500):
         assert tok.decode(tok.encode(text).ids) == text
 
 
+@pytest.mark.unit
 def test_unseen_characters_fall_back_to_bytes_not_unk(tok):
     enc = tok.encode(UNSEEN)
     assert special_ids(tok)["unk"] not in enc.ids
@@ -41,6 +43,7 @@ def test_unseen_characters_fall_back_to_bytes_not_unk(tok):
     assert all(b in model_vocab for b in BYTE_TOKENS)  # in the BPE model, where byte fallback looks
 
 
+@pytest.mark.unit
 def test_special_tokens_present_and_distinct(tok):
     ids = special_ids(tok)
     assert set(ids) == {"eot", "pad", "unk"}
@@ -50,6 +53,7 @@ def test_special_tokens_present_and_distinct(tok):
     assert tok.encode(f"a{EOT}b").ids.count(ids["eot"]) == 1
 
 
+@pytest.mark.unit
 def test_vocab_size_is_exact_when_the_text_allows(tok, corpus_docs):
     assert tok.get_vocab_size() == 2048
     assert max(tok.get_vocab().values()) == 2047  # ids 0..2047, no gaps
@@ -60,6 +64,7 @@ def test_vocab_size_is_exact_when_the_text_allows(tok, corpus_docs):
     assert 256 + 3 < big.get_vocab_size() < 32000
 
 
+@pytest.mark.unit
 def test_invalid_training_input():
     with pytest.raises(DataError, match=r"--vocab-size 200 is too small.*>= 260"):
         train_tokenizer(["some text"], vocab_size=200)
@@ -67,6 +72,7 @@ def test_invalid_training_input():
         train_tokenizer(iter([]), vocab_size=300)
 
 
+@pytest.mark.unit
 def test_hash_is_stable_across_save_and_load(tok, corpus_docs, tmp_path):
     h = tokenizer_sha256(tok)
     tok.save(str(tmp_path / "pretty.json"), pretty=True)
@@ -82,6 +88,7 @@ def test_hash_is_stable_across_save_and_load(tok, corpus_docs, tmp_path):
     assert tokenizer_sha256(train_tokenizer(corpus_docs, vocab_size=2048)) == h  # training is deterministic
 
 
+@pytest.mark.unit
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(DataError, match=r"--tokenizer .*nope\.json: no such file"):
         load_tokenizer(tmp_path / "nope.json")
@@ -100,6 +107,7 @@ def gpt2_style_tokenizer(docs) -> Tokenizer:
     return t
 
 
+@pytest.mark.distributed
 def test_gpt2_style_tokenizer_works_with_prepare_data(corpus_docs, tmp_path):
     g = gpt2_style_tokenizer(corpus_docs[:20])
     g.save(str(tmp_path / "gpt2.json"))
@@ -113,6 +121,7 @@ def test_gpt2_style_tokenizer_works_with_prepare_data(corpus_docs, tmp_path):
     assert tokenizer_sha256(tmp_path / "out" / "tokenizer.json") == tokenizer_sha256(g)
 
 
+@pytest.mark.unit
 def test_a_tokenizer_without_end_of_text_is_refused(corpus_docs, tmp_path):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -125,6 +134,7 @@ def test_a_tokenizer_without_end_of_text_is_refused(corpus_docs, tmp_path):
 
 # --- lamda-train-tokenizer -----------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_cli_trains_and_refuses_to_overwrite(tmp_path, capsys, corpus_docs):
     out = tmp_path / "sub" / "tok.json"
     inputs = [str(p) for p in bundled_corpus()]
@@ -144,6 +154,7 @@ def test_cli_trains_and_refuses_to_overwrite(tmp_path, capsys, corpus_docs):
     assert not list(tmp_path.glob("sub/*.tmp-*"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["--input", "missing.txt"], "error: --input missing.txt: no such file"),
     (["--dataset", "x", "--input", "y.txt"], "error: argument --input: not allowed with argument --dataset"),

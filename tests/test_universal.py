@@ -15,6 +15,8 @@ import pytest
 from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT, read_metrics
 from tests.dist_utils import free_port
 
+pytestmark = pytest.mark.launch  # the deepspeed launcher and universal-checkpoint conversion
+
 BASE_STEPS, STEPS = 4, 6
 COMMON = ["--save-every", str(BASE_STEPS), "--eval-every", "0", "--log-every", "1", "--sample-tokens", "0"]
 

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..distributed import pid_alive
 from ..errors import DataError
 from .tokenizer import eot_id, load_tokenizer, tokenizer_sha256, vocab_size as id_space
 
@@ -279,18 +280,8 @@ def _remove_stale_tmp_dirs(out: Path) -> None:
             pid = int(pid)
         except (OSError, ValueError):
             continue  # not ours to judge
-        if owner_host == host and pid != os.getpid() and not _pid_alive(pid):
+        if owner_host == host and pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_meta(data_dir: str | Path) -> dict:

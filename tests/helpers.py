@@ -1,5 +1,5 @@
-"""Helpers shared by test_export.py and test_generate.py: a tiny tokenizer and a checkpoint dir
-laid out as train.py writes one."""
+"""Small things the tests share: tiny model configs and models, a tiny tokenizer, and a checkpoint
+dir laid out as train.py writes one. Configs that differ on purpose stay in their test files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,29 @@ from pathlib import Path
 import torch
 
 from lamda_pipe.config import ModelConfig
+
+# Two blocks, 4 heads of 8: the unit tests' model (test_model, test_attention_kernels, test_config).
+TINY = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+# Few buckets and a short max distance so a 40-token sequence reaches every kind of bucket:
+# exact (0..3), log-spaced (4..7) and the saturated last one (distance >= 20).
+TINY_FEW_BUCKETS = TINY.replace(num_buckets=8, max_distance=20)
+# Four blocks, dropout on: the 2-stage pipeline tests' model (test_pipeline, test_export).
+TINY_PIPE = ModelConfig(vocab_size=211, dim=32, depth=4, heads=4, dim_head=8, max_seq_len=32, dropout=0.1)
+
+
+def tiny_model(cfg: ModelConfig = TINY, seed: int = 0, bias_std: float | None = None):
+    """LaMDA(cfg) in eval mode, initialised from `seed`. The relative-bias tables start at zero;
+    bias_std draws them from N(0, bias_std^2) instead, so that positions matter."""
+    from lamda_pipe.model import LaMDA
+
+    torch.manual_seed(seed)
+    model = LaMDA(config=cfg).eval()
+    if bias_std is not None:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.rel_bias.weight.normal_(std=bias_std)
+    return model
+
 
 CORPUS = Path(__file__).resolve().parent.parent / "lamda_pipe" / "data" / "corpus" / "genesis.txt"
 
