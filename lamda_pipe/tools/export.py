@@ -17,11 +17,13 @@ from . import ArgumentParser, run_cli
 
 
 def parse_args(argv):
+    from ..export import DTYPES  # the exporter's own table (imports torch, as exporting does anyway)
+
     p = ArgumentParser(prog="lamda-export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT_DIR",
                    help="a run dir (its latest checkpoint), RUN/checkpoints, one checkpoint dir, or an export dir")
     p.add_argument("--out", type=Path, required=True, help="directory to write (must not exist, unless --force)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights' dtype (default fp32)")
     p.add_argument("--force", action="store_true", help="replace --out if it is an earlier export")
     return p.parse_args(argv)
 
