@@ -30,6 +30,14 @@ from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFF
                          step_of, tag_for)
 
 
+class NonFiniteWeights(RuntimeError):
+    """A save was refused: some rank holds non-finite weights. Nothing was written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step}: the weights are not finite; no checkpoint was written")
+        self.step = step
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -157,13 +165,16 @@ class Checkpointer:
 
     def __init__(self, ckpt_dir: Path, *, every: int, keep_last: int | None, global_batch: int,
                  record: RunRecord, tokenizer: Path, rank: int, barrier: Callable[[], None],
-                 log: Callable[[str], None] = print):
-        """record: this run's record with its step fields unset; filled in at every save."""
+                 log: Callable[[str], None] = print, weights_finite: Callable[[object], bool] | None = None):
+        """record: this run's record with its step fields unset; filled in at every save.
+        weights_finite(engine): collective, the same answer on every rank; a save of weights it
+        rejects raises NonFiniteWeights before anything is written."""
         self.dir = Path(ckpt_dir)
         self.every, self.keep_last = every, keep_last
         self.global_batch = global_batch
         self.record, self.tokenizer = record, tokenizer
         self.rank, self.barrier, self.log = rank, barrier, log
+        self.weights_finite = weights_finite
         self._start = (0, 0)  # (step, samples consumed) where this process started
         self._saved_at: int | None = None
 
@@ -186,6 +197,8 @@ class Checkpointer:
         return True
 
     def _write(self, engine, step: int) -> None:
+        if self.weights_finite is not None and not self.weights_finite(engine):
+            raise NonFiniteWeights(step)  # never written, never complete, so keep-last deletes nothing
         tag = tag_for(step)
         record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
                                      micro_offset=engine.module.micro_offset)
@@ -238,6 +251,39 @@ class Checkpointer:
         # Dropout seeds derive from the count of forward passes (DeepSpeed's per-layer seeding):
         # restoring it makes a resumed run draw the masks the uninterrupted run would have.
         engine.module.micro_offset = point.record.micro_offset if point.record else 0
+        if point.record:
+            self.record = dataclasses.replace(self.record, skipped_samples=point.record.skipped_samples)
         self.resumed_at(step, samples)
         if self.rank == 0:
             self.log(f"resumed from {path} at step {step}, {samples} samples consumed")
+
+    def rollback(self, engine, failed_step: int) -> tuple[int, int]:
+        """Reloads the checkpoint `latest` names and skips every sample consumed from it up to
+        and including failed_step: returns that range [start, end). The range goes into the
+        reloaded checkpoint's record (rewritten atomically, its data position moved to `end`)
+        and into every later save, so a resume from either continues past it, as this run does.
+        Collective: call on every rank. Raises CheckpointError when there is no checkpoint."""
+        tag_dir = latest_tag_dir(self.dir)
+        record = None if tag_dir is None else RunRecord.read(tag_dir)
+        if record is None:
+            raise CheckpointError(f"no checkpoint of this run in {self.dir} to roll back to; save more often "
+                                  f"(--save-every) or fix the cause (learning rate, warmup, data)")
+        skip = (record.samples_consumed, self.samples_consumed(failed_step))
+        record = dataclasses.replace(record, samples_consumed=skip[1],
+                                     skipped_samples=(*record.skipped_samples, skip))
+        self.barrier()  # every rank has read the old record
+        if self.rank == 0:
+            write_atomic(tag_dir / RUN_RECORD, record.to_json())
+        skipped_steps = engine.skipped_steps  # the count covers the whole run, rolled-back steps too
+        path, _ = engine.load_checkpoint(str(self.dir), tag=tag_dir.name)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir} to roll back to")
+        engine.skipped_steps = skipped_steps
+        engine.module.micro_offset = record.micro_offset
+        self.record = dataclasses.replace(self.record, skipped_samples=record.skipped_samples)
+        self.resumed_at(engine.global_steps, skip[1])
+        if self.rank == 0:
+            self.log(f"rolled back from step {failed_step} to {tag_dir.name}; samples {skip[0]}-{skip[1] - 1} "
+                     f"will not be trained on")
+        self.barrier()
+        return skip

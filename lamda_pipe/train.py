@@ -23,7 +23,8 @@ from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
-from .errors import EXIT_BAD_INPUT, ConfigError, UsageError
+from .errors import EXIT_BAD_INPUT, CheckpointError, ConfigError, UsageError
+from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, settings_for
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, LATEST, ModelPath, RunRecord, resolve_model
 
@@ -56,6 +57,7 @@ def preflight(run: RunConfig) -> Plan:
         raise ConfigError("--attention flex needs a CUDA GPU (torch has no FlexAttention backward on CPU); "
                           "use --attention auto or sdpa")
     ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
+    check_ds_config(ds)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
                       cuda_available=cuda)
     sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
@@ -125,7 +127,9 @@ def train(plan: Plan) -> int:
     engine = build_engine(plan, rank)
     checkpointer = make_checkpointer(plan, sources, rank, dist.barrier)
     checkpointer.resume(engine, plan.resume)
-    train_iter, evaluator = data_streams(plan, sources, engine, checkpointer.samples_consumed(engine.global_steps))
+    train_stream, evaluator = data_streams(plan, sources, engine)
+    train_iter = train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
+    guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
     logger = make_logger(plan, engine, rank, dist.get_world_size())
     if rank == 0:
         describe_run(plan, sources, evaluator)
@@ -136,13 +140,24 @@ def train(plan: Plan) -> int:
         loss = engine.train_batch(train_iter)
         step = engine.global_steps
         last_step = step == run.steps
-        if logger.should_log(step, last_step):
-            logger.log_train(step, engine.global_samples, loss.item(), engine.get_lr()[0], loss_scale(engine))
-        if evaluator.should_evaluate(step):
+        value = loss.item() if logger.should_log(step, last_step) else None  # the loss is read only here
+        if value is not None:
+            logger.log_train(step, engine.global_samples, value, engine.get_lr()[0], loss_scale(engine),
+                             engine.skipped_steps)
+        fault = guard.check(step, engine.skipped_steps, loss_scale(engine), value)
+        if fault is None and evaluator.should_evaluate(step):
             logger.log_eval(step, engine.global_samples, *evaluator.evaluate(engine))
             logger.start(step)  # evaluation time is not training throughput
-        if checkpointer.save(engine, step, last_step=last_step):
-            logger.start(step)
+        if fault is None:
+            saved, fault = save_or_fault(checkpointer, guard, engine, step, last_step)
+            if saved:
+                logger.start(step)
+        if fault is not None:
+            train_iter = heal(fault, guard, checkpointer, engine, train_stream, rank)
+            if train_iter is None:
+                logger.close()
+                return EXIT_DIVERGED
+            logger.start(engine.global_steps)
     checkpointer.save(engine, engine.global_steps, last_step=True)  # no-op when the loop just saved
 
     if rank == 0:
@@ -153,6 +168,34 @@ def train(plan: Plan) -> int:
     logger.close()
     dist.barrier()
     return 0
+
+
+def save_or_fault(checkpointer, guard: Guard, engine, step: int, last_step: bool):
+    """(saved, fault): saves on the checkpointer's cadence; a save refused for non-finite
+    weights is a fault to roll back from. A save past every failure resets the rollback count."""
+    from .checkpoint import NonFiniteWeights
+
+    try:
+        saved = checkpointer.save(engine, step, last_step=last_step)
+    except NonFiniteWeights as e:
+        return False, Fault(step, str(e))
+    if saved:
+        guard.saved(step)
+    return saved, None
+
+
+def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: int):
+    """Rolls back to the last checkpoint, skipping the samples since; returns the training
+    batches from there, or None when the run must stop (said on stderr). Every rank alike."""
+    try:
+        guard.admit(fault)
+        checkpointer.rollback(engine, fault.step)
+    except (Diverged, CheckpointError) as e:
+        if rank == 0:
+            print(f"ds_train.py: stopped at step {fault.step}: {e}", file=sys.stderr, flush=True)
+        return None
+    guard.restart(engine.skipped_steps)
+    return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
 
 
 def demo_sources(run: RunConfig, cfg: ModelConfig, rank: int, barrier) -> list:
@@ -170,6 +213,7 @@ def build_engine(plan: Plan, rank: int):
     """The pipeline, initialised from --init-from's weights if given, wrapped by DeepSpeed."""
     import deepspeed
 
+    from .guard import finite_or_nan
     from .pipeline import build_pipeline, describe_stages
     from .weights import copy_into_pipeline, read_plain_state
 
@@ -185,6 +229,7 @@ def build_engine(plan: Plan, rank: int):
         copy_into_pipeline(net, read_plain_state(plan.init_from.path, cfg), cfg.depth)
         if rank == 0:
             print(f"initialised from {plan.init_from.path}", flush=True)
+    net.loss_fn = finite_or_nan(net.loss_fn)  # a non-finite loss skips the step (guard.py)
     engine, _, _, _ = deepspeed.initialize(
         model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=plan.ds)
     return engine
@@ -195,14 +240,17 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier):
 
     run = plan.run
     record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources)
+    from .guard import weights_finite
+
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
-                        log=lambda msg: print(msg, flush=True))
+                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite)
 
 
-def data_streams(plan: Plan, sources, engine, samples_consumed: int):
-    """The training batches from the data position on, and the evaluator over the val splits."""
+def data_streams(plan: Plan, sources, engine):
+    """The training stream (batches from a data position: .iterate(slot_offset=...)) and the
+    evaluator over the val splits."""
     from .data.loader import MicroBatchStream
     from .evaluate import Evaluator
 
@@ -216,7 +264,7 @@ def data_streams(plan: Plan, sources, engine, samples_consumed: int):
     train_stream = stream([s.tokens("train") for s in sources], True, [s.weight for s in sources])
     val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
                    if len(s.tokens("val")) > run.seq_len}
-    return (train_stream.iterate(slot_offset=samples_consumed),
+    return (train_stream,
             Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters))
 
 
