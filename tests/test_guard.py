@@ -146,7 +146,8 @@ def sample_rows(data_dir: Path, slots) -> np.ndarray:
 
 
 def _train_poisoned(rank: int, argv: list[str], poison_rows: np.ndarray) -> int:
-    """main() with a loss that is inf for every micro-batch holding one of poison_rows."""
+    """main() with a loss that is inf for every micro-batch holding one of poison_rows. The inf is
+    added, so the gradients stay finite: only the guard's loss wrapper makes DeepSpeed skip the step."""
     import lamda_pipe.pipeline as pipeline
     from lamda_pipe.train import main
 
@@ -155,7 +156,7 @@ def _train_poisoned(rank: int, argv: list[str], poison_rows: np.ndarray) -> int:
     def poisoned(logits, labels):
         loss = real(logits, labels)
         hit = (labels[:, None, :] == rows[None]).all(-1).any()
-        return loss * math.inf if hit else loss
+        return loss + math.inf if hit else loss
 
     pipeline.lm_loss = poisoned
     return main(argv)
