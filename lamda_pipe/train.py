@@ -187,6 +187,8 @@ def save_or_fault(checkpointer, guard: Guard, engine, step: int, last_step: bool
 def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: int):
     """Rolls back to the last checkpoint, skipping the samples since; returns the training
     batches from there, or None when the run must stop (said on stderr). Every rank alike."""
+    if rank == 0:
+        print(f"step {fault.step}: {fault.reason}", flush=True)
     try:
         guard.admit(fault)
         checkpointer.rollback(engine, fault.step)

@@ -127,6 +127,19 @@ def test_skipped_samples_round_trip_and_default_to_none():
     assert RunRecord.from_dict(d).skipped_samples == ()
 
 
+@pytest.mark.unit
+def test_trainer_refuses_an_unguardable_deepspeed_config_before_any_work(tmp_path, capsys):
+    from lamda_pipe.train import main
+
+    ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
+    ds["zero_optimization"]["stage"] = 0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    assert main(["--run-dir", str(tmp_path / "run"), "--deepspeed_config", str(tmp_path / "ds.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ds_train.py: error: with fp32" in err and '"stage": 1' in err
+    assert not (tmp_path / "run").exists()
+
+
 # --- real ranks ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -267,17 +280,38 @@ def test_nonfinite_weights_are_never_saved_and_keep_last_keeps_the_good_checkpoi
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
 
 
+def hot_config(tmp_path: Path) -> Path:
+    """cpu.json with a learning rate that blows the loss up from step 4 on."""
+    ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
+    ds["optimizer"]["params"]["lr"] = 30.0
+    (tmp_path / "hot.json").write_text(json.dumps(ds))
+    return tmp_path / "hot.json"
+
+
+def _train(rank: int, argv: list[str]) -> int:
+    from lamda_pipe.train import main
+
+    return main(argv)
+
+
+@pytest.mark.distributed
+def test_divergence_before_the_first_checkpoint_stops_with_exit_3_and_saves_nothing(data_dir, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    argv = ["--run-dir", str(run_dir), "--data", str(data_dir), "--deepspeed_config", str(hot_config(tmp_path)),
+            "--steps", "20", "--save-every", "10", *FLAGS]
+    assert run_ranks(_train, 2, argv, timeout=240) == [3, 3]
+    assert "stopped at step 4: no checkpoint of this run" in capfd.readouterr().err
+    assert not list(run_dir.glob("checkpoints/global_step*"))
+
+
 @pytest.mark.launch
 def test_learning_rate_that_blows_up_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path):
     """The issue's worst case: the loss diverges; no diverged checkpoint is marked complete or
     named by `latest`, and --keep-last deletes nothing good."""
-    ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
-    ds["optimizer"]["params"]["lr"] = 30.0
-    (tmp_path / "hot.json").write_text(json.dumps(ds))
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "ds_train.py"), "--run-dir", str(run_dir), "--deepspeed_config", str(tmp_path / "hot.json"),
+           str(ROOT / "ds_train.py"), "--run-dir", str(run_dir), "--deepspeed_config", str(hot_config(tmp_path)),
            "--steps", "24", "--save-every", "2", "--keep-last", "1", *FLAGS]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
