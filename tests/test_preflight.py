@@ -173,3 +173,23 @@ def test_resume_of_the_demo_in_a_moved_run_dir_is_not_refused(tmp_path, launch_e
     assert plan(run_dir, "--resume", "auto").resume.tag_dir.name == "global_step2"
     with pytest.raises(ConfigError, match="was trained on the bundled corpus, but this run gives --data"):
         plan(run_dir, "--resume", "auto", "--seq-len", "16", "--data", str(prepared(tmp_path, "a")))
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_named_at_open(tmp_path, launch_env):
+    import json
+
+    import numpy as np
+
+    a = prepared(tmp_path, "a")
+    meta = json.loads((a / "meta.json").read_text())
+    val = np.memmap(a / meta["splits"]["val"]["file"], dtype=meta["dtype"], mode="r+")
+    val[3] = 5000  # beyond both the tokenizer's 300 ids and the model's 2048
+    val.flush()
+    del val
+    with pytest.raises(Exception, match=f"{a}: val.bin holds token id 5000, beyond the model's vocabulary of 2048 "
+                                        r"\(ids 0..2047\); pass --vocab-size 5001 or more; the data's own tokenizer "
+                                        "has only 300 ids") as e:
+        plan(tmp_path / "run", "--seq-len", "16", "--data", str(a))
+    assert isinstance(e.value, ValueError) and type(e.value).__name__ == "DataError"
+    assert not (tmp_path / "run").exists()
+    plan(tmp_path / "run", "--seq-len", "16", "--data", str(a), "--vocab-size", "5056")  # the fix it names
