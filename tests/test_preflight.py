@@ -16,7 +16,7 @@ from lamda_pipe.config import get_preset
 from lamda_pipe.errors import CheckpointError, ConfigError
 from lamda_pipe.run_config import RunConfig
 from lamda_pipe.run_format import COMPLETE, RunRecord
-from tests.test_data import prepared
+from tests.test_data import DOCS, prepared
 
 pytestmark = pytest.mark.unit
 
@@ -193,3 +193,30 @@ def test_token_ids_beyond_the_model_vocabulary_are_named_at_open(tmp_path, launc
     assert isinstance(e.value, ValueError) and type(e.value).__name__ == "DataError"
     assert not (tmp_path / "run").exists()
     plan(tmp_path / "run", "--seq-len", "16", "--data", str(a), "--vocab-size", "5056")  # the fix it names
+
+
+def test_validation_reads_only_the_val_split(tmp_path, launch_env):
+    """The evaluator's batches are windows of each source's val.bin, in order, and never of its
+    train.bin (the seed drew validation batches from the training split; no test noticed)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lamda_pipe.train import data_streams
+
+    a, b = prepared(tmp_path, "a"), prepared(tmp_path, "b", docs=[d.upper() for d in DOCS])
+    p = plan(tmp_path / "run", "--seq-len", "16", "--data", f"{a}:0.5,{b}:0.5", "--eval-iters", "3")
+    grid = SimpleNamespace(get_data_parallel_rank=lambda: 0, get_data_parallel_world_size=lambda: 1)
+    _, evaluator = data_streams(p, p.sources, SimpleNamespace(grid=grid), 0)
+    assert set(evaluator.streams) == {"a", "b"}
+    mbs, seq = p.batch.micro_batch_size, 16
+    for source in p.sources:
+        _, stream = evaluator.streams[source.name]
+        val, train = np.asarray(source.tokens("val")), np.asarray(source.tokens("train"))
+        batches = stream.iterate(0)
+        for m in range(evaluator.iters):
+            inputs, labels = next(batches)
+            want = np.stack([val[k * seq:k * seq + seq + 1] for k in range(m * mbs, (m + 1) * mbs)])
+            from_train = np.stack([train[k * seq:k * seq + seq + 1] for k in range(m * mbs, (m + 1) * mbs)])
+            assert np.array_equal(inputs.numpy(), want[:, :-1]) and np.array_equal(labels.numpy(), want[:, 1:])
+            assert not np.array_equal(inputs.numpy(), from_train[:, :-1])
