@@ -11,6 +11,7 @@ checkpointer (when to save, the save protocol, resume and the data position).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Layout, ResumePoint, resume_point
+from .checkpoint import Layout, ResumePoint, holds_checkpoints, resume_point
 from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
@@ -26,7 +27,7 @@ from .ds_config import BatchShape, check_run, default_config_path, fill_run_valu
 from .errors import EXIT_BAD_INPUT, CheckpointError, ConfigError, UsageError
 from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, settings_for
 from .run_config import RunConfig
-from .run_format import CHECKPOINTS, LATEST, ModelPath, RunRecord, resolve_model
+from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 
 SAMPLE_MAX_PARAMS = 2_000_000_000  # above this, gathering the model on rank 0 for a sample is skipped
 
@@ -64,20 +65,47 @@ def preflight(run: RunConfig) -> Plan:
     bounds = tuple(stage_bounds(cfg, run.pipe_stages, run.seq_len, method=run.partition))
 
     ckpt_dir = run.run_dir / CHECKPOINTS
-    load = ckpt_dir if run.resume == "auto" and (ckpt_dir / LATEST).is_file() else run.load
+    # Complete checkpoints count even when `latest` is gone: a new run never starts over on top of them.
+    load = ckpt_dir if run.resume == "auto" and holds_checkpoints(ckpt_dir) else run.load
     resume = None
     if load is not None:
         template = record_template(run, cfg, ds, batch, bounds, sources)
         resume = resume_point(load, preset=run.model, record_template=template,
                               layout=Layout(run.pipe_stages, batch.data_parallel, bounds),
                               legacy_bounds=lambda r: stage_bounds(r.model_config, r.pipe_stages,
-                                                                   method=LEGACY_PARTITION))
-    elif (ckpt_dir / LATEST).is_file():
+                                                                   method=LEGACY_PARTITION),
+                              demo_data=run.data is None)
+    elif holds_checkpoints(ckpt_dir):
         raise ConfigError(f"--run-dir {run.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
     init_from = None if run.init_from is None else check_init_source(run.init_from, cfg)
+    check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
                 resume, init_from)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuses a --run-dir that cannot be written (a file on the path, no permission, a read-only
+    or full file system) before any process group starts. Probes by creating and removing a
+    file in the deepest folder that exists (checkpoints/ if there), so nothing is left behind;
+    missing folders are created later by the run."""
+    probe_dir = run_dir / CHECKPOINTS
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir}: {probe_dir} is a file, not a folder; pick another --run-dir")
+    probe = probe_dir / f".lamda-write-probe-{os.getpid()}-{launch_env().rank}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)  # a block, so that a full file system shows here
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"--run-dir {run_dir}: cannot write in {probe_dir} ({e.strerror}); pick a "
+                              f"writable --run-dir (or free space / fix its permissions)") from None
+    finally:
+        with contextlib.suppress(OSError):  # nothing was created where writing failed
+            probe.unlink()
 
 
 def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShape, bounds, sources) -> RunRecord:
@@ -108,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if plan.resume is not None and plan.resume.note and launch_env(plan.run.local_rank).rank == 0:
+        print(f"note: {plan.resume.note}", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     return train(plan)
 
