@@ -207,7 +207,7 @@ def test_validation_reads_only_the_val_split(tmp_path, launch_env):
     a, b = prepared(tmp_path, "a"), prepared(tmp_path, "b", docs=[d.upper() for d in DOCS])
     p = plan(tmp_path / "run", "--seq-len", "16", "--data", f"{a}:0.5,{b}:0.5", "--eval-iters", "3")
     grid = SimpleNamespace(get_data_parallel_rank=lambda: 0, get_data_parallel_world_size=lambda: 1)
-    _, evaluator = data_streams(p, p.sources, SimpleNamespace(grid=grid), 0)
+    _, evaluator = data_streams(p, p.sources, SimpleNamespace(grid=grid))
     assert set(evaluator.streams) == {"a", "b"}
     mbs, seq = p.batch.micro_batch_size, 16
     for source in p.sources:
