@@ -23,7 +23,7 @@ from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
-from .errors import EXIT_BAD_INPUT, ConfigError, UsageError
+from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, ConfigError, UsageError
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, LATEST, ModelPath, RunRecord, resolve_model
 
@@ -127,6 +127,7 @@ def train(plan: Plan) -> int:
     checkpointer.resume(engine, plan.resume)
     train_iter, evaluator = data_streams(plan, sources, engine, checkpointer.samples_consumed(engine.global_steps))
     logger = make_logger(plan, engine, rank, dist.get_world_size())
+    lifecycle = start_lifecycle(plan, engine, rank)
     if rank == 0:
         describe_run(plan, sources, evaluator)
 
@@ -143,7 +144,13 @@ def train(plan: Plan) -> int:
             logger.start(step)  # evaluation time is not training throughput
         if checkpointer.save(engine, step, last_step=last_step):
             logger.start(step)
+        if lifecycle.should_stop(step):  # a signal or a lost launcher on any rank, agreed by all
+            break
     checkpointer.save(engine, engine.global_steps, last_step=True)  # no-op when the loop just saved
+    lifecycle.close()
+    if engine.global_steps < run.steps:  # stopped on request, with a complete checkpoint: requeue me
+        logger.close()
+        return EXIT_REQUEUE
 
     if rank == 0:
         print(f"trained to step {engine.global_steps} in {time.perf_counter() - t_start:.1f}s; "
@@ -153,6 +160,19 @@ def train(plan: Plan) -> int:
     logger.close()
     dist.barrier()
     return 0
+
+
+def start_lifecycle(plan: Plan, engine, rank: int):
+    """Stop requests, the launcher watch and the hang watchdog (lamda_pipe/lifecycle.py), with a
+    gloo group of its own: the per-step stop agreement is a CPU all-reduce, never a device sync."""
+    import torch.distributed as dist
+
+    from .lifecycle import Lifecycle
+
+    group = dist.new_group(backend="gloo")
+    return Lifecycle(plan.run.run_dir, rank, engine.stage_id, hang_timeout=plan.run.hang_timeout,
+                     stop_timeout=plan.run.stop_timeout, group=group,
+                     log=lambda msg: print(msg, flush=True)).start()
 
 
 def demo_sources(run: RunConfig, cfg: ModelConfig, rank: int, barrier) -> list:
