@@ -37,7 +37,7 @@ from .distributed import pid_alive
 from .errors import EXIT_HUNG, EXIT_REQUEUE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-ANCESTOR_GONE = 64  # a stop code above every signal number: "a launcher process is gone"
+ANCESTOR_GONE = 100  # a stop code above every signal number (SIGRTMAX is 64): "a launcher process is gone"
 POLL_S = 1.0
 HEARTBEAT_EVERY_S = 10.0
 DUMP_GRACE_S = 3.0  # after dumping, before exiting: peers stuck at the same step dump theirs too
