@@ -124,14 +124,14 @@ def test_a_signal_to_any_process_saves_at_an_agreed_step_and_leaves_no_process(j
     t_signal = time.monotonic()
     gone_s = job.wait_all_gone(GONE_BOUND_S)
     text = job.output()
-    stop = re.search(r"stopping at step (\d+): (\w+) on rank (\d)", text)
+    stop = re.search(r"stopping at step (\d+): (SIG\w+|its launcher is gone) on rank (\d)", text)
     assert stop, text
     step = int(stop.group(1))
     assert complete_checkpoint(job.run_dir) == step and 3 <= step < 1000
     assert job.last_logged_step() == step  # no step after the one agreed on
     if target.startswith("rank"):
         assert job.runner.returncode == EXIT_REQUEUE, text
-    print(f"{target} {sig.name}: stop at step {step}, last process gone {gone_s:.2f}s after the signal "
+    print(f"{target} {sig.name}: stop at step {step} ({stop.group(2)} on rank {stop.group(3)}), last process gone {gone_s:.2f}s after the signal "
           f"(save included); runner status {job.runner.returncode}")
     assert time.monotonic() - t_signal < GONE_BOUND_S
 
