@@ -9,6 +9,12 @@ traceback instead of being reported as bad input.
 from __future__ import annotations
 
 EXIT_BAD_INPUT = 2
+# A stop on request (signal, lost launcher) that saved a complete checkpoint: rerun the same
+# command (--resume auto) to continue. 75 is EX_TEMPFAIL; the Slurm scripts requeue on it.
+EXIT_REQUEUE = 75
+# A rank that stopped making progress (or could not carry out a stop) and dumped its stacks:
+# nothing new was saved; a rerun continues from the last complete checkpoint.
+EXIT_HUNG = 76
 
 
 class UsageError(ValueError):

@@ -70,6 +70,12 @@ class RunConfig:
     spike_window: int = _flag(10, "logged losses in the moving window of --spike-factor", type=int)
     max_rollbacks: int = _flag(3, "stop (exit status 3) after N rollbacks without a checkpoint past the failing step",
                                type=int)
+    hang_timeout: float = _flag(1800.0, "seconds without a completed step (after the first) before a rank dumps every "
+                                "thread's stack to RUN_DIR/stacks and ends the job; include the longest save or "
+                                "validation", type=float, metavar="S")
+    stop_timeout: float = _flag(300.0, "seconds a rank may take, after a stop request (SIGTERM, SIGINT, SIGUSR1 or its "
+                                "launcher gone), to reach the next step boundary and save before it exits without "
+                                "saving", type=float, metavar="S")
     seed: int = _flag(1234, "model init, dropout and data order", type=int)
     attention: str = _flag("auto", "attention kernel (lamda_pipe/attention.py): auto picks per device and length",
                            choices=_attention_kernels)
@@ -98,6 +104,9 @@ class RunConfig:
             raise ConfigError(f"--spike-factor must be > 1 (0: off), got {self.spike_factor}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
+        for name in ("hang_timeout", "stop_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}")
         if self.sample_tokens < 0:
             raise ConfigError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
         if not 1 <= self.seq_len <= cfg.max_seq_len:

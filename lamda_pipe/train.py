@@ -24,7 +24,7 @@ from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
-from .errors import EXIT_BAD_INPUT, CheckpointError, ConfigError, UsageError
+from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
 from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, settings_for
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
@@ -161,6 +161,7 @@ def train(plan: Plan) -> int:
     train_iter = train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
     guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
     logger = make_logger(plan, engine, rank, dist.get_world_size())
+    lifecycle = start_lifecycle(plan, engine, rank)
     if rank == 0:
         describe_run(plan, sources, evaluator)
 
@@ -185,10 +186,17 @@ def train(plan: Plan) -> int:
         if fault is not None:
             train_iter = heal(fault, guard, checkpointer, engine, train_stream, rank)
             if train_iter is None:
+                lifecycle.close()
                 logger.close()
                 return EXIT_DIVERGED
             logger.start(engine.global_steps)
+        if lifecycle.should_stop(step):  # a signal or a lost launcher on any rank, agreed by all
+            break
     checkpointer.save(engine, engine.global_steps, last_step=True)  # no-op when the loop just saved
+    lifecycle.close()
+    if engine.global_steps < run.steps:  # stopped on request, with a complete checkpoint: requeue me
+        logger.close()
+        return EXIT_REQUEUE
 
     if rank == 0:
         print(f"trained to step {engine.global_steps} in {time.perf_counter() - t_start:.1f}s; "
@@ -228,6 +236,19 @@ def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: i
         return None
     guard.restart(engine.skipped_steps)
     return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
+
+
+def start_lifecycle(plan: Plan, engine, rank: int):
+    """Stop requests, the launcher watch and the hang watchdog (lamda_pipe/lifecycle.py), with a
+    gloo group of its own: the per-step stop agreement is a CPU all-reduce, never a device sync."""
+    import torch.distributed as dist
+
+    from .lifecycle import Lifecycle
+
+    group = dist.new_group(backend="gloo")
+    return Lifecycle(plan.run.run_dir, rank, engine.stage_id, hang_timeout=plan.run.hang_timeout,
+                     stop_timeout=plan.run.stop_timeout, group=group,
+                     log=lambda msg: print(msg, flush=True)).start()
 
 
 def demo_sources(run: RunConfig, cfg: ModelConfig, rank: int, barrier) -> list:
