@@ -203,6 +203,8 @@ def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is
     the tokenizer hash and the model are what identify it."""
     if theirs is None:
         return  # a record written before the data was recorded
+    if not ours_is_demo and data_identity(theirs) == data_identity(ours):
+        return  # the same dirs and weights, whatever they hold (the bundled corpus passed as --data too)
     theirs_demo = _is_demo_data(theirs, tag_dir)
     if ours_is_demo and theirs_demo:
         return
@@ -218,10 +220,9 @@ def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is
 
 
 def _is_demo_data(spec: str, tag_dir: Path) -> bool:
-    """Whether a record's data is the bundled corpus prepared into its run dir."""
+    """Whether a record's data is the bundled corpus prepared into its run dir. The data's own
+    meta.json decides where it exists (a user's data dir may well be named `data`)."""
     path = Path(spec)
-    if path == tag_dir.parent.parent / "data":
-        return True
     meta = path / "meta.json"
     if meta.is_file():
         import json
@@ -229,6 +230,8 @@ def _is_demo_data(spec: str, tag_dir: Path) -> bool:
             return str(json.loads(meta.read_text()).get("source", "")).startswith("bundled corpus")
         except ValueError:
             return False
+    if path == tag_dir.parent.parent / "data":
+        return True
     return path.name == "data" and "," not in spec  # the run dir moved: its data cache with it
 
 
@@ -363,7 +366,7 @@ class Checkpointer:
         reloaded checkpoint's record (rewritten atomically, its data position moved to `end`)
         and into every later save, so a resume from either continues past it, as this run does.
         Collective: call on every rank. Raises CheckpointError when there is no checkpoint."""
-        tag_dir = latest_tag_dir(self.dir)
+        tag_dir = choose_checkpoint(self.dir)[0] if holds_checkpoints(self.dir) else None
         record = None if tag_dir is None else RunRecord.read(tag_dir)
         if record is None:
             raise CheckpointError(f"no checkpoint of this run in {self.dir} to roll back to; save more often "
