@@ -34,7 +34,7 @@ class NonFiniteWeights(RuntimeError):
     """A save was refused: some rank holds non-finite weights. Nothing was written."""
 
     def __init__(self, step: int):
-        super().__init__(f"step {step}: the weights are not finite; no checkpoint was written")
+        super().__init__("the weights are not finite on some rank; no checkpoint was written")
         self.step = step
 
 
