@@ -6,8 +6,11 @@ same stream of batches in blocks of --steps optimizer steps, alternating guard o
 (on/off in even rounds, off/on in odd ones, so machine drift hits both alike):
   on:  the guarded loss (finite_or_nan) and Guard.check after every step, as the trainer runs;
   off: the bare loss function, no check.
-A block is timed between barriers; reported are the median step times and their ratio. The
+A block is timed between barriers; reported are the median step times and their ratio (and
+the ratio of the fastest blocks). The
 non-finite-weights check runs once per save, so it is timed on its own (median of --saves calls).
+On a shared machine the block medians carry its noise; the cost of the wrapper alone (its extra
+forward and backward ops on a scalar loss, timed over many calls) bounds the per-step cost too.
 
     OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --master_port 29510 bench/guard.py --run-dir /tmp/bench-guard
     (on a GPU machine: deepspeed --num_gpus 2 bench/guard.py --model readme --run-dir /tmp/bench-guard)
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -27,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lamda_pipe.distributed import init_distributed, launch_env, set_cpu_threads  # noqa: E402
-from lamda_pipe.guard import Guard, settings_for, weights_finite  # noqa: E402
+from lamda_pipe.guard import Guard, finite_or_nan, settings_for, weights_finite  # noqa: E402
 from lamda_pipe.run_config import RunConfig  # noqa: E402
 from lamda_pipe.train import build_engine, data_streams, demo_sources, loss_scale, preflight  # noqa: E402
 
@@ -42,6 +46,21 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args(argv)
+
+
+def wrapper_cost(wrap, calls: int = 2000) -> float:
+    """Seconds per call that the guard's wrapper adds to a scalar loss's forward and backward."""
+    import torch
+
+    x = torch.ones(8, requires_grad=True)
+    fns = {"bare": lambda t: t.sum(), "guarded": wrap(lambda t: t.sum())}
+    best = {}
+    for name, fn in list(fns.items()) * 2:  # twice, the better of two
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x).backward()
+        best[name] = min(best.get(name, math.inf), (time.perf_counter() - t0) / calls)
+    return best["guarded"] - best["bare"]
 
 
 def main(argv=None) -> None:
@@ -80,6 +99,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for on in ((True, False) if r % 2 == 0 else (False, True)):
             times[on].append(block(on))
+    wrapper = wrapper_cost(finite_or_nan)
     checks = []
     for _ in range(args.saves):
         dist.barrier()
@@ -93,8 +113,10 @@ def main(argv=None) -> None:
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                   "world_size": dist.get_world_size(), "model": args.model, "steps_per_block": args.steps,
                   "rounds": args.rounds, "step_s_on": on, "step_s_off": off, "ratio_on_off": on / off,
+                  "ratio_of_fastest_blocks": min(times[True]) / min(times[False]),
                   "blocks_on": times[True], "blocks_off": times[False],
-                  "weights_check_s": statistics.median(checks), "skipped_steps": engine.skipped_steps}
+                  "weights_check_s": statistics.median(checks), "wrapper_s_per_micro_batch": wrapper,
+                  "micro_batches_per_step": engine.gradient_accumulation_steps(), "skipped_steps": engine.skipped_steps}
         print(json.dumps(result, indent=1))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
