@@ -33,7 +33,7 @@ class NonFiniteWeights(RuntimeError):
     """A save was refused: some rank holds non-finite weights. Nothing was written."""
 
     def __init__(self, step: int):
-        super().__init__(f"step {step}: the weights are not finite; no checkpoint was written")
+        super().__init__("the weights are not finite on some rank; no checkpoint was written")
         self.step = step
 
 
@@ -377,14 +377,13 @@ class Checkpointer:
         self.barrier()  # every rank has read the old record
         if self.rank == 0:
             write_atomic(tag_dir / RUN_RECORD, record.to_json())
+        # A run resumed onto another layout may roll back to a checkpoint of the old one: resume
+        # handles that (through the universal checkpoint), the data position and dropout seeds.
+        layout = Layout(record.pipe_stages, record.data_parallel, tuple(record.stage_bounds or ()))
+        ours = Layout(self.record.pipe_stages, self.record.data_parallel, tuple(self.record.stage_bounds or ()))
         skipped_steps = engine.skipped_steps  # the count covers the whole run, rolled-back steps too
-        path, _ = engine.load_checkpoint(str(self.dir), tag=tag_dir.name)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir} to roll back to")
+        self.resume(engine, ResumePoint(tag_dir, record, layout, layout != ours))
         engine.skipped_steps = skipped_steps
-        engine.module.micro_offset = record.micro_offset
-        self.record = dataclasses.replace(self.record, skipped_samples=record.skipped_samples)
-        self.resumed_at(engine.global_steps, skip[1])
         if self.rank == 0:
             self.log(f"rolled back from step {failed_step} to {tag_dir.name}; samples {skip[0]}-{skip[1] - 1} "
                      f"will not be trained on")

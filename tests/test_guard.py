@@ -280,6 +280,51 @@ def test_nonfinite_weights_are_never_saved_and_keep_last_keeps_the_good_checkpoi
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
 
 
+def _train_fp16_poisoned(rank: int, argv: list[str], poison_rows: np.ndarray) -> int:
+    """fp16 on CPU, for the overflow path only (never for users): DeepSpeed's accelerator is told
+    it supports fp16 and the trainer's "fp16 needs a GPU" check is passed over."""
+    from deepspeed.accelerator import get_accelerator
+
+    import lamda_pipe.train as train
+
+    accel = get_accelerator()
+    accel.is_fp16_supported = lambda: True
+    accel.supported_dtypes = lambda: [torch.float, torch.half, torch.bfloat16]
+    real_check = train.check_run
+    train.check_run = lambda ds, **kw: real_check(ds, **{**kw, "cuda_available": True})
+    return _train_poisoned(rank, argv, poison_rows)
+
+
+@pytest.mark.distributed
+def test_fp16_loss_scaler_skips_an_injected_inf_and_a_collapse_rolls_back(data_dir, tmp_path):
+    ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
+    poison = sample_rows(data_dir, range(80, 96))  # step 6's samples
+
+    def run(name: str, min_scale: int) -> Path:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1,
+                      "loss_scale_window": 1000, "min_loss_scale": min_scale}
+        (tmp_path / f"{name}.json").write_text(json.dumps(ds))
+        argv = ["--run-dir", str(tmp_path / name), "--data", str(data_dir), "--deepspeed_config",
+                str(tmp_path / f"{name}.json"), "--steps", "8", "--save-every", "1", *FLAGS]
+        assert run_ranks(_train_fp16_poisoned, 2, argv, poison, timeout=240) == [0, 0]
+        return tmp_path / name
+
+    # DeepSpeed's dynamic loss scaling is the first line: the step is skipped, the scale halved
+    scaler = run("scaler", 1)
+    train = [r for r in metrics(scaler) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["skipped_steps"] for r in train] == [0] * 5 + [1] * 3
+    assert [r["loss_scale"] for r in train] == [256.0] * 5 + [128.0] * 3 and math.isnan(train[5]["loss"])
+    w5, w6 = weights(scaler, 5), weights(scaler, 6)
+    assert all(torch.equal(w5[k], w6[k]) for k in w5)
+    # a scale that falls to min_loss_scale is a collapse: roll back to step 5, skip step 6's samples
+    collapsed = run("collapsed", 128)
+    train = [r for r in metrics(collapsed) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 6, 7, 8]
+    assert [r["loss_scale"] for r in train] == [256.0] * 5 + [128.0] + [256.0] * 3
+    assert record(collapsed, 8)["skipped_samples"] == [[80, 96]]
+
+
 def hot_config(tmp_path: Path) -> Path:
     """cpu.json with a learning rate that blows the loss up from step 4 on."""
     ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
