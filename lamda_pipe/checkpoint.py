@@ -25,9 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, ConfigError
-from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, latest_tag_dir,
-                         step_of, tag_for)
+from .errors import CheckpointError, ConfigError, UsageError
+from .run_format import COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, step_of, tag_for
+
+
+class NonFiniteWeights(RuntimeError):
+    """A save was refused: some rank holds non-finite weights. Nothing was written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"step {step}: the weights are not finite; no checkpoint was written")
+        self.step = step
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -122,20 +129,120 @@ class ResumePoint:
     record: RunRecord | None  # None: a checkpoint another tool wrote (loaded as is, unchecked)
     saved_layout: Layout | None
     change_layout: bool  # load through the universal checkpoint
+    note: str | None = None  # why this is not the checkpoint `latest` names, to print at start-up
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The step folders that carry the completion marker, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(step, d) for d in ckpt_dir.iterdir()
+             if (step := step_of(d.name)) is not None and (d / COMPLETE).is_file()]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def holds_checkpoints(ckpt_dir: Path) -> bool:
+    """Whether a run wrote anything here that a new run must not start over on top of."""
+    return (Path(ckpt_dir) / LATEST).is_file() or bool(complete_checkpoints(ckpt_dir))
+
+
+def unusable_latest(ckpt_dir: Path) -> str | None:
+    """Why `latest` cannot be followed (missing, empty, naming a missing or incomplete folder),
+    or None when it names a completed checkpoint."""
+    latest = Path(ckpt_dir) / LATEST
+    if not latest.is_file():
+        return f"{latest} is missing"
+    tag = latest.read_text().strip()
+    if not tag:
+        return f"{latest} is empty"
+    if not (Path(ckpt_dir) / tag).is_dir():
+        return f"{latest} names {tag!r}, which is not a folder there"
+    if not (Path(ckpt_dir) / tag / COMPLETE).is_file():
+        return f"{latest} names {tag!r}, whose save never completed"
+    return None
+
+
+def choose_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
+    """The folder to resume from: the one `latest` names, or, when `latest` is unusable, the
+    newest complete step folder that validates (with a note saying so). A complete folder that
+    `latest` names but that is damaged is refused by validate(), never silently skipped."""
+    why = unusable_latest(ckpt_dir)
+    if why is None:
+        return Path(ckpt_dir) / (Path(ckpt_dir) / LATEST).read_text().strip(), None
+    rejected = []
+    for tag_dir in complete_checkpoints(ckpt_dir):
+        try:
+            validate(tag_dir, deep=False)
+        except CheckpointError as e:
+            rejected.append(str(e).split(";")[0])
+            continue
+        skipped = f" (skipped: {'; '.join(rejected)})" if rejected else ""
+        return tag_dir, f"{why}: resuming from the newest complete checkpoint, {tag_dir.name}{skipped}"
+    if rejected:
+        raise CheckpointError(f"{why} and no complete checkpoint in {ckpt_dir} is usable ({'; '.join(rejected)}); "
+                              f"start a new --run-dir")
+    raise ConfigError(f"--load {ckpt_dir}: no '{LATEST}' file and no complete checkpoint there, so nothing to "
+                      f"resume; point --load at a directory written by a run (RUN_DIR/checkpoints)")
+
+
+def data_identity(spec: str | None) -> list[tuple[str, float]] | None:
+    """A --data spec as resolved dirs and rounded weights, so that './d' and 'd:1' compare equal."""
+    if spec is None:
+        return None
+    from .data.loader import parse_data_spec
+    try:
+        return sorted((str(p.resolve()), round(w, 9)) for p, w in parse_data_spec(spec))
+    except UsageError:
+        return [(spec, 1.0)]
+
+
+def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is_demo: bool) -> None:
+    """A resume reads the same data the run was trained on, whether --data was given or left out.
+    The demo's data lives in its run dir (RUN_DIR/data), which may have moved with the run: there
+    the tokenizer hash and the model are what identify it."""
+    if theirs is None:
+        return  # a record written before the data was recorded
+    theirs_demo = _is_demo_data(theirs, tag_dir)
+    if ours_is_demo and theirs_demo:
+        return
+    if ours_is_demo:
+        raise ConfigError(f"--load {tag_dir} was trained on --data {theirs}, but this run gives no --data (the bundled "
+                          f"corpus); pass --data {theirs}")
+    if theirs_demo:
+        raise ConfigError(f"--load {tag_dir} was trained on the bundled corpus, but this run gives --data {ours}; "
+                          f"leave out --data to continue it, or start a new --run-dir (or --init-from) for new data")
+    if data_identity(theirs) != data_identity(ours):
+        raise ConfigError(f"--load {tag_dir} was trained on --data {theirs}, not {ours}; pass --data {theirs} "
+                          f"(the same dirs and weights), or start a new --run-dir (or --init-from) for new data")
+
+
+def _is_demo_data(spec: str, tag_dir: Path) -> bool:
+    """Whether a record's data is the bundled corpus prepared into its run dir."""
+    path = Path(spec)
+    if path == tag_dir.parent.parent / "data":
+        return True
+    meta = path / "meta.json"
+    if meta.is_file():
+        import json
+        try:
+            return str(json.loads(meta.read_text()).get("source", "")).startswith("bundled corpus")
+        except ValueError:
+            return False
+    return path.name == "data" and "," not in spec  # the run dir moved: its data cache with it
 
 
 def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, layout: Layout,
-                 legacy_bounds: Callable[[RunRecord], list[int]]) -> ResumePoint:
-    """Checks the checkpoint `latest` names in load_dir against this run, before any process
-    starts: complete and undamaged, the same model, data from the same tokenizer.
-    legacy_bounds gives the stage bounds of a record written before they were recorded."""
-    tag_dir = latest_tag_dir(load_dir)
-    if tag_dir is None:
-        raise ConfigError(f"--load {load_dir}: no '{LATEST}' file there, so no checkpoint to resume; "
-                          f"point --load at a directory written by a run (RUN_DIR/checkpoints)")
+                 legacy_bounds: Callable[[RunRecord], list[int]], demo_data: bool = False) -> ResumePoint:
+    """Checks the checkpoint to resume in load_dir against this run, before any process starts:
+    complete and undamaged, the same model, the same data (dirs, weights and tokenizer; with
+    demo_data the run gives no --data). Without a usable `latest`, the newest complete
+    checkpoint is taken (ResumePoint.note says so). legacy_bounds gives the stage bounds of a
+    record written before they were recorded."""
+    tag_dir, note = choose_checkpoint(Path(load_dir))
     record = validate(tag_dir)
     if record is None:
-        return ResumePoint(tag_dir, None, None, False)
+        return ResumePoint(tag_dir, None, None, False, note)
     if record.model_config != record_template.model_config:
         raise ConfigError(f"--load {tag_dir} holds a different model (preset {record.model_preset!r}) than "
                           f"--model {preset}; resume with --model {record.model_preset}")
@@ -144,12 +251,13 @@ def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, lay
         raise ConfigError(f"--load {tag_dir} was trained on data tokenized with another tokenizer "
                           f"(sha256 {theirs[:12]}) than --data ({ours[:12]}); "
                           f"prepare the data with the run's tokenizer ({tag_dir / TOKENIZER})")
+    check_same_data(record.data, record_template.data, tag_dir, demo_data)
     bounds = record.stage_bounds if record.stage_bounds is not None else tuple(legacy_bounds(record))
     saved = Layout(record.pipe_stages, record.data_parallel, tuple(bounds))
     # ZeRO-1 keeps each stage's optimizer state as one flat buffer over that stage's layers:
     # another split (stage count, data parallel, or bounds moved by --seq-len or the
     # partitioner) cannot load it directly, only through the universal checkpoint.
-    return ResumePoint(tag_dir, record, saved, saved != layout)
+    return ResumePoint(tag_dir, record, saved, saved != layout, note)
 
 
 class Checkpointer:
@@ -157,13 +265,16 @@ class Checkpointer:
 
     def __init__(self, ckpt_dir: Path, *, every: int, keep_last: int | None, global_batch: int,
                  record: RunRecord, tokenizer: Path, rank: int, barrier: Callable[[], None],
-                 log: Callable[[str], None] = print):
-        """record: this run's record with its step fields unset; filled in at every save."""
+                 log: Callable[[str], None] = print, weights_finite: Callable[[object], bool] | None = None):
+        """record: this run's record with its step fields unset; filled in at every save.
+        weights_finite(engine): collective, the same answer on every rank; a save of weights it
+        rejects raises NonFiniteWeights before anything is written."""
         self.dir = Path(ckpt_dir)
         self.every, self.keep_last = every, keep_last
         self.global_batch = global_batch
         self.record, self.tokenizer = record, tokenizer
         self.rank, self.barrier, self.log = rank, barrier, log
+        self.weights_finite = weights_finite
         self._start = (0, 0)  # (step, samples consumed) where this process started
         self._saved_at: int | None = None
 
@@ -186,6 +297,8 @@ class Checkpointer:
         return True
 
     def _write(self, engine, step: int) -> None:
+        if self.weights_finite is not None and not self.weights_finite(engine):
+            raise NonFiniteWeights(step)  # never written, never complete, so keep-last deletes nothing
         tag = tag_for(step)
         record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
                                      micro_offset=engine.module.micro_offset)
@@ -238,6 +351,39 @@ class Checkpointer:
         # Dropout seeds derive from the count of forward passes (DeepSpeed's per-layer seeding):
         # restoring it makes a resumed run draw the masks the uninterrupted run would have.
         engine.module.micro_offset = point.record.micro_offset if point.record else 0
+        if point.record:
+            self.record = dataclasses.replace(self.record, skipped_samples=point.record.skipped_samples)
         self.resumed_at(step, samples)
         if self.rank == 0:
             self.log(f"resumed from {path} at step {step}, {samples} samples consumed")
+
+    def rollback(self, engine, failed_step: int) -> tuple[int, int]:
+        """Reloads the checkpoint `latest` names and skips every sample consumed from it up to
+        and including failed_step: returns that range [start, end). The range goes into the
+        reloaded checkpoint's record (rewritten atomically, its data position moved to `end`)
+        and into every later save, so a resume from either continues past it, as this run does.
+        Collective: call on every rank. Raises CheckpointError when there is no checkpoint."""
+        tag_dir = latest_tag_dir(self.dir)
+        record = None if tag_dir is None else RunRecord.read(tag_dir)
+        if record is None:
+            raise CheckpointError(f"no checkpoint of this run in {self.dir} to roll back to; save more often "
+                                  f"(--save-every) or fix the cause (learning rate, warmup, data)")
+        skip = (record.samples_consumed, self.samples_consumed(failed_step))
+        record = dataclasses.replace(record, samples_consumed=skip[1],
+                                     skipped_samples=(*record.skipped_samples, skip))
+        self.barrier()  # every rank has read the old record
+        if self.rank == 0:
+            write_atomic(tag_dir / RUN_RECORD, record.to_json())
+        skipped_steps = engine.skipped_steps  # the count covers the whole run, rolled-back steps too
+        path, _ = engine.load_checkpoint(str(self.dir), tag=tag_dir.name)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir} to roll back to")
+        engine.skipped_steps = skipped_steps
+        engine.module.micro_offset = record.micro_offset
+        self.record = dataclasses.replace(self.record, skipped_samples=record.skipped_samples)
+        self.resumed_at(engine.global_steps, skip[1])
+        if self.rank == 0:
+            self.log(f"rolled back from step {failed_step} to {tag_dir.name}; samples {skip[0]}-{skip[1] - 1} "
+                     f"will not be trained on")
+        self.barrier()
+        return skip

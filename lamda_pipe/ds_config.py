@@ -28,14 +28,156 @@ def default_config_path(cuda_available: bool, bf16_supported: bool) -> Path:
 
 
 def load_config(path: str | Path) -> dict:
+    """The JSON, checked: valid, an object, and every key one DeepSpeed reads (check_keys)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path} does not exist; pass --deepspeed_config with a file "
                           f"such as {CONFIG_DIR / 'cpu.json'}")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path} holds a JSON {type(ds).__name__}, not an object; see "
+                          f"{CONFIG_DIR / 'cpu.json'}")
+    check_keys(ds, path)
+    return ds
+
+
+class _AskedFor(dict):
+    """A config dict that records every key looked up in it (present or not), as DeepSpeed's
+    config parser reads it. A copy shares the record; nested dicts record as well."""
+
+    def __init__(self, d: dict, asked: set, path: tuple = ()):
+        super().__init__({k: _AskedFor(v, asked, path + (k,)) if isinstance(v, dict) else v for k, v in d.items()})
+        self._asked, self._path = asked, path
+
+    def _ask(self, key):
+        self._asked.add(self._path + (key,))
+
+    def __getitem__(self, key):
+        self._ask(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._ask(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self._ask(key)
+        return super().__contains__(key)
+
+    def setdefault(self, key, default=None):
+        self._ask(key)
+        return super().setdefault(key, default)
+
+    def pop(self, key, *default):
+        self._ask(key)
+        return super().pop(key, *default)
+
+    def keys(self):  # `key in d.keys()` is a lookup too
+        return _Keys(self)
+
+    def __iter__(self):  # a section read whole (e.g. "pipeline") knows every key in it
+        for key in dict.keys(self):
+            self._ask(key)
+        return super().__iter__()
+
+    def items(self):
+        for key in dict.keys(self):
+            self._ask(key)
+        return super().items()
+
+    def __copy__(self):  # DeepSpeed copies the dict first; copying is no lookup
+        new = _AskedFor.__new__(_AskedFor)
+        dict.update(new, dict.items(self))
+        new._asked, new._path = self._asked, self._path
+        return new
+
+
+class _Keys:
+    def __init__(self, d: _AskedFor):
+        self.d = d
+
+    def __contains__(self, key):
+        return key in self.d
+
+    def __iter__(self):
+        return iter(self.d)
+
+    def __len__(self):
+        return len(self.d)
+
+
+def check_keys(ds: dict, path: str | Path) -> None:
+    """Names a key DeepSpeed would silently ignore, with the closest key it knows. DeepSpeed's
+    own parser is the list of known keys: the config is parsed (no engine, no process group) and
+    every top-level key it looked up counts as known; its validated sections (zero_optimization,
+    fp16, bf16, the monitors, ...) refuse unknown keys themselves and are reported the same way."""
+    import difflib
+
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from pydantic import ValidationError
+
+    class Parse(DeepSpeedConfig):  # the key reading only: batch and sanity checks need the world size
+        def _configure_train_batch_size(self):
+            pass
+
+        def _do_sanity_check(self):
+            pass
+
+    asked: set = set()
+    try:
+        Parse(_AskedFor(ds, asked))
+    except ValidationError as e:
+        raise ConfigError(_describe_validation_error(e, ds, path)) from None
+    except DeepSpeedConfigError as e:
+        raise ConfigError(f"DeepSpeed config {path}: {e}") from None
+    except Exception:  # noqa: BLE001  a value DeepSpeed reads differently: the engine will say; keys unchecked
+        return
+    known = sorted(k[0] for k in asked if len(k) == 1)
+    for key in ds:
+        if (key,) not in asked:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"DeepSpeed config {path}: unknown key {key!r}, which DeepSpeed would ignore; "
+                              f"{hint}remove or correct it")
+
+
+def _describe_validation_error(e, ds: dict, path) -> str:
+    """One line for pydantic's error about a DeepSpeed config section."""
+    import difflib
+
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    err = e.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    # the top-level section the model was read from (its errors' locations start inside it)
+    sections = [k for k, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v]
+    section = next((k for k in sections if ds[k][loc[0]] == err.get("input")), sections[0] if sections else None)
+    where = ".".join(([section] if section else []) + loc)
+    if err["type"] != "extra_forbidden":
+        return f"DeepSpeed config {path}: {where}: {err['msg']}"
+    model = _subclass_named(DeepSpeedConfigModel, e.title)
+    for part in loc[:-1]:  # nested models, e.g. DeepSpeedMonitorConfig -> tensorboard
+        field = model.model_fields.get(part) if model is not None else None
+        model = field.annotation if field is not None and isinstance(field.annotation, type) else None
+    fields = [] if model is None or not hasattr(model, "model_fields") else \
+        [*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)]
+    close = difflib.get_close_matches(loc[-1], fields, n=1)
+    hint = f"did you mean {where.rsplit('.', 1)[0]}.{close[0]}? " if close and "." in where else \
+        (f"did you mean {close[0]}? " if close else "")
+    return f"DeepSpeed config {path}: unknown key {where!r}; {hint}remove or correct it"
+
+
+def _subclass_named(cls, name: str):
+    for sub in cls.__subclasses__():
+        if sub.__name__ == name:
+            return sub
+        found = _subclass_named(sub, name)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass(frozen=True)

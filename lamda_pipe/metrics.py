@@ -201,27 +201,30 @@ class MetricsLogger:
             sink.write(record, scalars, samples)
 
     def train_record(self, step: int, loss: float, lr: float, loss_scale: float,
-                     elapsed: float, steps: int) -> tuple[dict, dict[str, float]]:
+                     elapsed: float, steps: int, skipped_steps: int = 0) -> tuple[dict, dict[str, float]]:
         """The metrics.jsonl record and the scalars of `steps` optimizer steps taking `elapsed` s."""
         tokens_per_s = steps * self.tokens_per_step / elapsed if elapsed > 0 else math.nan
         tflops = tokens_per_s * self.flops_per_token / 1e12  # all devices together
         record = {"step": step, "loss": loss, "lr": lr, "loss_scale": loss_scale,
                   "tokens_per_s": tokens_per_s, "tflops": tflops, "tflops_per_device": tflops / self.devices,
-                  "time": time.time()}
-        scalars = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops / self.devices}
+                  "skipped_steps": skipped_steps, "time": time.time()}
+        scalars = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops / self.devices,
+                   "skipped_steps": float(skipped_steps)}
         if self.peak_tflops:
             record["mfu"] = scalars["mfu"] = tflops / (self.devices * self.peak_tflops)
         if self.scalar_loss_scale:
             scalars["loss_scale"] = loss_scale
         return record, scalars
 
-    def log_train(self, step: int, samples: int, loss: float, lr: float, loss_scale: float) -> dict | None:
+    def log_train(self, step: int, samples: int, loss: float, lr: float, loss_scale: float,
+                  skipped_steps: int = 0) -> dict | None:
+        """skipped_steps: optimizer steps skipped for non-finite values so far in the run (guard.py)."""
         now = self.clock()
         t0, step0 = self._mark or (now, step)
         self._mark = (now, step)
         if not self.enabled:
             return None
-        record, scalars = self.train_record(step, loss, lr, loss_scale, now - t0, step - step0)
+        record, scalars = self.train_record(step, loss, lr, loss_scale, now - t0, step - step0, skipped_steps)
         self._emit(record, scalars, samples)
         return record
 

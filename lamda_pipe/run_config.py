@@ -63,6 +63,13 @@ class RunConfig:
     eval_every: int = _flag(50, "validation loss every N steps (0: never)", type=int)
     eval_iters: int = _flag(2, "batches per validation", type=int)
     log_every: int = _flag(10, "log training metrics every N steps", type=int)
+    skip_streak: int = _flag(8, "roll back to the last checkpoint after N consecutive steps skipped for a non-finite "
+                             "loss or gradient", type=int)
+    spike_factor: float = _flag(3.0, "roll back when a logged loss exceeds X times the mean of the last "
+                                "--spike-window logged losses (0: off)", type=float, metavar="X")
+    spike_window: int = _flag(10, "logged losses in the moving window of --spike-factor", type=int)
+    max_rollbacks: int = _flag(3, "stop (exit status 3) after N rollbacks without a checkpoint past the failing step",
+                               type=int)
     hang_timeout: float = _flag(1800.0, "seconds without a completed step (after the first) before a rank dumps every "
                                 "thread's stack to RUN_DIR/stacks and ends the job; include the longest save or "
                                 "validation", type=float, metavar="S")
@@ -84,13 +91,17 @@ class RunConfig:
         cfg = self.model_config  # an unknown preset or a bad --vocab-size fails here
         if self.seq_len is None:
             object.__setattr__(self, "seq_len", cfg.max_seq_len)  # resolved once, at construction
-        for name in ("steps", "save_every", "log_every", "eval_iters"):
+        for name in ("steps", "save_every", "log_every", "eval_iters", "skip_streak", "spike_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ConfigError(f"--eval-every must be >= 0 (0: never), got {self.eval_every}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {self.keep_last}")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"--max-rollbacks must be >= 0 (0: stop at the first failure), got {self.max_rollbacks}")
+        if not self.spike_factor == 0 and not self.spike_factor > 1:
+            raise ConfigError(f"--spike-factor must be > 1 (0: off), got {self.spike_factor}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         for name in ("hang_timeout", "stop_timeout"):

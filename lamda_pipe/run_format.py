@@ -82,11 +82,15 @@ class RunRecord:
     data: str | None = None
     tokenizer_sha256: str | None = None
     ds_config: dict | None = None
+    # Sample ranges [start, end) that rollbacks skipped (guard.py); the data position already
+    # lies past them, so they are a record of what the run never trained on. Absent: none.
+    skipped_samples: tuple[tuple[int, int], ...] = ()
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["model_config"] = self.model_config.to_dict()
         d["stage_bounds"] = None if self.stage_bounds is None else list(self.stage_bounds)
+        d["skipped_samples"] = [list(r) for r in self.skipped_samples]
         return json.dumps({"format_version": self.VERSION, **d}, indent=1)
 
     @classmethod
@@ -105,6 +109,7 @@ class RunRecord:
             d["model_config"] = ModelConfig.from_dict(d["model_config"])
             if d.get("stage_bounds") is not None:
                 d["stage_bounds"] = tuple(int(b) for b in d["stage_bounds"])
+            d["skipped_samples"] = tuple((int(a), int(b)) for a, b in d.get("skipped_samples") or ())
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where} is not a usable run record ({type(e).__name__}: {e}); {fix}") from None

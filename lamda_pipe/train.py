@@ -11,6 +11,7 @@ checkpointer (when to save, the save protocol, resume and the data position).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -18,14 +19,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Layout, ResumePoint, resume_point
+from .checkpoint import Layout, ResumePoint, holds_checkpoints, resume_point
 from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
-from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, ConfigError, UsageError
+from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
+from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, settings_for
 from .run_config import RunConfig
-from .run_format import CHECKPOINTS, LATEST, ModelPath, RunRecord, resolve_model
+from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 
 SAMPLE_MAX_PARAMS = 2_000_000_000  # above this, gathering the model on rank 0 for a sample is skipped
 
@@ -56,26 +58,54 @@ def preflight(run: RunConfig) -> Plan:
         raise ConfigError("--attention flex needs a CUDA GPU (torch has no FlexAttention backward on CPU); "
                           "use --attention auto or sdpa")
     ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
+    check_ds_config(ds)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
                       cuda_available=cuda)
     sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
     bounds = tuple(stage_bounds(cfg, run.pipe_stages, run.seq_len, method=run.partition))
 
     ckpt_dir = run.run_dir / CHECKPOINTS
-    load = ckpt_dir if run.resume == "auto" and (ckpt_dir / LATEST).is_file() else run.load
+    # Complete checkpoints count even when `latest` is gone: a new run never starts over on top of them.
+    load = ckpt_dir if run.resume == "auto" and holds_checkpoints(ckpt_dir) else run.load
     resume = None
     if load is not None:
         template = record_template(run, cfg, ds, batch, bounds, sources)
         resume = resume_point(load, preset=run.model, record_template=template,
                               layout=Layout(run.pipe_stages, batch.data_parallel, bounds),
                               legacy_bounds=lambda r: stage_bounds(r.model_config, r.pipe_stages,
-                                                                   method=LEGACY_PARTITION))
-    elif (ckpt_dir / LATEST).is_file():
+                                                                   method=LEGACY_PARTITION),
+                              demo_data=run.data is None)
+    elif holds_checkpoints(ckpt_dir):
         raise ConfigError(f"--run-dir {run.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
     init_from = None if run.init_from is None else check_init_source(run.init_from, cfg)
+    check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
                 resume, init_from)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuses a --run-dir that cannot be written (a file on the path, no permission, a read-only
+    or full file system) before any process group starts. Probes by creating and removing a
+    file in the deepest folder that exists (checkpoints/ if there), so nothing is left behind;
+    missing folders are created later by the run."""
+    probe_dir = run_dir / CHECKPOINTS
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir}: {probe_dir} is a file, not a folder; pick another --run-dir")
+    probe = probe_dir / f".lamda-write-probe-{os.getpid()}-{launch_env().rank}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)  # a block, so that a full file system shows here
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointError(f"--run-dir {run_dir}: cannot write in {probe_dir} ({e.strerror}); pick a "
+                              f"writable --run-dir (or free space / fix its permissions)") from None
+    finally:
+        with contextlib.suppress(OSError):  # nothing was created where writing failed
+            probe.unlink()
 
 
 def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShape, bounds, sources) -> RunRecord:
@@ -106,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if plan.resume is not None and plan.resume.note and launch_env(plan.run.local_rank).rank == 0:
+        print(f"note: {plan.resume.note}", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     return train(plan)
 
@@ -125,7 +157,9 @@ def train(plan: Plan) -> int:
     engine = build_engine(plan, rank)
     checkpointer = make_checkpointer(plan, sources, rank, dist.barrier)
     checkpointer.resume(engine, plan.resume)
-    train_iter, evaluator = data_streams(plan, sources, engine, checkpointer.samples_consumed(engine.global_steps))
+    train_stream, evaluator = data_streams(plan, sources, engine)
+    train_iter = train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
+    guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
     logger = make_logger(plan, engine, rank, dist.get_world_size())
     lifecycle = start_lifecycle(plan, engine, rank)
     if rank == 0:
@@ -137,13 +171,25 @@ def train(plan: Plan) -> int:
         loss = engine.train_batch(train_iter)
         step = engine.global_steps
         last_step = step == run.steps
-        if logger.should_log(step, last_step):
-            logger.log_train(step, engine.global_samples, loss.item(), engine.get_lr()[0], loss_scale(engine))
-        if evaluator.should_evaluate(step):
+        value = loss.item() if logger.should_log(step, last_step) else None  # the loss is read only here
+        if value is not None:
+            logger.log_train(step, engine.global_samples, value, engine.get_lr()[0], loss_scale(engine),
+                             engine.skipped_steps)
+        fault = guard.check(step, engine.skipped_steps, loss_scale(engine), value)
+        if fault is None and evaluator.should_evaluate(step):
             logger.log_eval(step, engine.global_samples, *evaluator.evaluate(engine))
             logger.start(step)  # evaluation time is not training throughput
-        if checkpointer.save(engine, step, last_step=last_step):
-            logger.start(step)
+        if fault is None:
+            saved, fault = save_or_fault(checkpointer, guard, engine, step, last_step)
+            if saved:
+                logger.start(step)
+        if fault is not None:
+            train_iter = heal(fault, guard, checkpointer, engine, train_stream, rank)
+            if train_iter is None:
+                lifecycle.close()
+                logger.close()
+                return EXIT_DIVERGED
+            logger.start(engine.global_steps)
         if lifecycle.should_stop(step):  # a signal or a lost launcher on any rank, agreed by all
             break
     checkpointer.save(engine, engine.global_steps, last_step=True)  # no-op when the loop just saved
@@ -160,6 +206,36 @@ def train(plan: Plan) -> int:
     logger.close()
     dist.barrier()
     return 0
+
+
+def save_or_fault(checkpointer, guard: Guard, engine, step: int, last_step: bool):
+    """(saved, fault): saves on the checkpointer's cadence; a save refused for non-finite
+    weights is a fault to roll back from. A save past every failure resets the rollback count."""
+    from .checkpoint import NonFiniteWeights
+
+    try:
+        saved = checkpointer.save(engine, step, last_step=last_step)
+    except NonFiniteWeights as e:
+        return False, Fault(step, str(e))
+    if saved:
+        guard.saved(step)
+    return saved, None
+
+
+def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: int):
+    """Rolls back to the last checkpoint, skipping the samples since; returns the training
+    batches from there, or None when the run must stop (said on stderr). Every rank alike."""
+    if rank == 0:
+        print(f"step {fault.step}: {fault.reason}", flush=True)
+    try:
+        guard.admit(fault)
+        checkpointer.rollback(engine, fault.step)
+    except (Diverged, CheckpointError) as e:
+        if rank == 0:
+            print(f"ds_train.py: stopped at step {fault.step}: {e}", file=sys.stderr, flush=True)
+        return None
+    guard.restart(engine.skipped_steps)
+    return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
 
 
 def start_lifecycle(plan: Plan, engine, rank: int):
@@ -190,6 +266,7 @@ def build_engine(plan: Plan, rank: int):
     """The pipeline, initialised from --init-from's weights if given, wrapped by DeepSpeed."""
     import deepspeed
 
+    from .guard import finite_or_nan
     from .pipeline import build_pipeline, describe_stages
     from .weights import copy_into_pipeline, read_plain_state
 
@@ -205,6 +282,7 @@ def build_engine(plan: Plan, rank: int):
         copy_into_pipeline(net, read_plain_state(plan.init_from.path, cfg), cfg.depth)
         if rank == 0:
             print(f"initialised from {plan.init_from.path}", flush=True)
+    net.loss_fn = finite_or_nan(net.loss_fn)  # a non-finite loss skips the step (guard.py)
     engine, _, _, _ = deepspeed.initialize(
         model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=plan.ds)
     return engine
@@ -215,14 +293,17 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier):
 
     run = plan.run
     record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources)
+    from .guard import weights_finite
+
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
-                        log=lambda msg: print(msg, flush=True))
+                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite)
 
 
-def data_streams(plan: Plan, sources, engine, samples_consumed: int):
-    """The training batches from the data position on, and the evaluator over the val splits."""
+def data_streams(plan: Plan, sources, engine):
+    """The training stream (batches from a data position: .iterate(slot_offset=...)) and the
+    evaluator over the val splits."""
     from .data.loader import MicroBatchStream
     from .evaluate import Evaluator
 
@@ -236,7 +317,7 @@ def data_streams(plan: Plan, sources, engine, samples_consumed: int):
     train_stream = stream([s.tokens("train") for s in sources], True, [s.weight for s in sources])
     val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
                    if len(s.tokens("val")) > run.seq_len}
-    return (train_stream.iterate(slot_offset=samples_consumed),
+    return (train_stream,
             Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters))
 
 

@@ -50,11 +50,11 @@ def test_train_record_throughput_tflops_mfu():
     record = logger.log_train(20, 640, loss=2.5, lr=3e-4, loss_scale=1.0)
     # 10 steps x 1000 tokens in 2 s; x 6 GFLOP per token = 30 TFLOP/s on 4 devices of peak 20
     assert list(record) == ["step", "loss", "lr", "loss_scale", "tokens_per_s", "tflops",
-                            "tflops_per_device", "time", "mfu"]
+                            "tflops_per_device", "skipped_steps", "time", "mfu"]
     assert record["tokens_per_s"] == 5000.0 and record["tflops"] == pytest.approx(30.0)
     assert record["tflops_per_device"] == pytest.approx(7.5) and record["mfu"] == pytest.approx(30.0 / (4 * 20.0))
     assert rec.writes == [(record, {"tokens_per_s": 5000.0, "tflops_per_device": record["tflops_per_device"],
-                                    "mfu": record["mfu"], "loss_scale": 1.0}, 640)]
+                                    "skipped_steps": 0.0, "mfu": record["mfu"], "loss_scale": 1.0}, 640)]
     # the clock restarts at every logged step: the next interval is measured on its own
     clock.now += 4.0
     assert logger.log_train(25, 800, 2.4, 3e-4, 1.0)["tokens_per_s"] == 5 * 1000 / 4.0
