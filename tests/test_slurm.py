@@ -77,18 +77,14 @@ def test_srun_script_trains_then_a_second_submission_resumes(slurm, tmp_path):
     assert latest(run_dir) == "global_step6"
 
 
-def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identically(slurm, tmp_path):
-    """One node: the DeepSpeed launcher starts both ranks locally (no hostfile, no ssh). USR1 to
-    the batch shell, which #SBATCH --signal=B:USR1@300 sends before the time limit, reaches the
-    ranks; they agree on a step, save a complete checkpoint there and exit 75; the script requeues
-    on 75 and the rerun resumes from exactly that step (no checkpoint by cadence exists: every 1000
-    steps) to the end, with the losses of an uninterrupted run."""
-    steps = 30
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+def usr1_requeue_resume(slurm: SlurmCluster, script: str, run_dir: Path, log: Path, steps: int) -> tuple[int, str]:
+    """Submits `script`, sends USR1 to its batch shell (what #SBATCH --signal=B:USR1@300 does before
+    the time limit) once it trains, releases the requeued job and waits for it to finish. No
+    checkpoint by cadence exists (every 1000 steps): the only one mid-run is the one saved on USR1."""
     env = sbatch_env(run_dir, steps, LAMDA_MASTER_PORT=str(free_port()))
     env["LAMDA_SAVE_EVERY"] = "1000"
     job = slurm.sbatch("--job-name", "lamda-test", "--output", str(log), "--nodes", "1", "--ntasks-per-node", "2",
-                       "--cpus-per-task", "1", str(SCRIPTS / "pretrain.sbatch"), env=env, cwd=ROOT)
+                       "--cpus-per-task", "1", str(SCRIPTS / script), env=env, cwd=ROOT)
 
     deadline = time.monotonic() + JOB_TIMEOUT
     while not ((run_dir / "metrics.jsonl").is_file() and len(train_records(run_dir)) >= 3):
@@ -121,17 +117,24 @@ def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identi
     assert "SIGUSR1 on rank" in text.split("stopping at step ")[1].splitlines()[0]
     assert f"training saved a complete checkpoint and stopped on request: requeueing job {job}" in text
     assert f"job {job} (restart 0) on 1 node(s)" in text and f"job {job} (restart 1) on 1 node(s)" in text
-    launcher_lines = [line for line in text.splitlines() if line.startswith("+ ")]
-    assert len(launcher_lines) == 2 and all("--num_gpus 2" in line and "ds_train.py" in line for line in launcher_lines)
-    assert text.count("nnodes=1, num_local_procs=2") == 2  # DeepSpeed's launch.py, once per attempt
-
     # The rerun resumed from the checkpoint saved on USR1, and no step was run twice.
     second_attempt = text.split(f"job {job} (restart 1)")[1]
     resumed_at = int(second_attempt.split("resumed from ")[1].split(" at step ")[1].split(",")[0])
     assert resumed_at == stopped_at and 3 <= stopped_at < steps
-    records = train_records(run_dir)
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, steps + 1))
     assert latest(run_dir) == f"global_step{steps}"
+    return job, text
+
+
+def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identically(slurm, tmp_path):
+    """One node: the DeepSpeed launcher starts both ranks locally (no hostfile, no ssh); the script
+    passes USR1 to the launcher's children. The resumed run has an uninterrupted run's losses."""
+    steps = 30
+    run_dir = tmp_path / "run"
+    job, text = usr1_requeue_resume(slurm, "pretrain.sbatch", run_dir, tmp_path / "job.out", steps)
+    launcher_lines = [line for line in text.splitlines() if line.startswith("+ ")]
+    assert len(launcher_lines) == 2 and all("--num_gpus 2" in line and "ds_train.py" in line for line in launcher_lines)
+    assert text.count("nnodes=1, num_local_procs=2") == 2  # DeepSpeed's launch.py, once per attempt
 
     # The same run without interruption (the same launcher and thread count) has the same losses.
     reference = tmp_path / "reference"
@@ -140,4 +143,10 @@ def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identi
                     "--save-every", "1000", "--log-every", "1", "--eval-every", "0", "--sample-tokens", "0"],
                    cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True,
                    timeout=JOB_TIMEOUT)
-    assert [r["loss"] for r in records] == [r["loss"] for r in train_records(reference)]
+    assert [r["loss"] for r in train_records(run_dir)] == [r["loss"] for r in train_records(reference)]
+
+
+def test_srun_script_saves_on_usr1_and_requeues(slurm, tmp_path):
+    """srun passes the batch shell's USR1 on to every task."""
+    job, text = usr1_requeue_resume(slurm, "pretrain_srun.sbatch", tmp_path / "run", tmp_path / "job.out", 30)
+    assert text.count("+ srun --kill-on-bad-exit=1") == 2
