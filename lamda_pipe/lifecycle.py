@@ -187,8 +187,12 @@ class Lifecycle:
         if self._wake_r is not None:
             signal.set_wakeup_fd(-1)
             sys.excepthook = self._previous_excepthook
-            for sig, handler in self._saved_handlers.items():
-                signal.signal(sig, handler)
+            # A rank stopping on request keeps noting stop signals until it exits: the first rank to
+            # exit 75 makes `srun --kill-on-bad-exit` (or DeepSpeed's launcher) SIGTERM the others,
+            # which must still exit 75, not die of the signal.
+            if not self.watch.stop_code:
+                for sig, handler in self._saved_handlers.items():
+                    signal.signal(sig, handler)
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
@@ -201,6 +205,8 @@ class Lifecycle:
         self._previous_excepthook(etype, value, tb)
 
     def _on_signal(self, signum, frame) -> None:
+        if self._closed.is_set():
+            return  # stopping already: exiting with EXIT_REQUEUE
         with self._lock:
             self.watch.request_stop(signum, time.monotonic())
 

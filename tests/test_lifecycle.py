@@ -243,3 +243,26 @@ def test_missing_peers_names_a_gone_process_and_a_silent_host(tmp_path):
     gone = missing_peers(tmp_path, me=0, now=now)
     assert gone == [f"rank 1 (pipeline stage 0) on {socket.gethostname()}: process {2 ** 22 + 1} is gone "
                     "(last step 9)", "rank 2 (pipeline stage 1) on node-b: no heartbeat for 100s (last step 8)"]
+
+
+@pytest.mark.unit
+def test_close_restores_the_handlers_unless_the_rank_is_stopping(tmp_path):
+    """A stopping rank must exit 75 even when srun or the launcher SIGTERMs it on the way out."""
+    from lamda_pipe.lifecycle import Lifecycle
+
+    before = signal.getsignal(signal.SIGTERM)
+    Lifecycle(tmp_path, 0, 0, hang_timeout=60, stop_timeout=60).start().close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    lc = Lifecycle(tmp_path, 0, 0, hang_timeout=60, stop_timeout=60).start()
+    try:
+        lc.watch.request_stop(signal.SIGUSR1, now=time.monotonic())
+        lc.close()
+        assert signal.getsignal(signal.SIGTERM) == lc._on_signal
+        os.kill(os.getpid(), signal.SIGTERM)  # noted and ignored: this process is exiting 75 anyway
+        time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for sig in (signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, lc._saved_handlers[sig])
+    assert (tmp_path / "heartbeat" / "rank0.json").is_file()

@@ -10,6 +10,9 @@ Skips (with the reason) where Slurm cannot be installed or run; CI (.ci/run) ins
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,19 +77,20 @@ def test_srun_script_trains_then_a_second_submission_resumes(slurm, tmp_path):
     assert latest(run_dir) == "global_step6"
 
 
-def test_deepspeed_launcher_script_requeued_before_time_limit_resumes(slurm, tmp_path):
-    """One node: the DeepSpeed launcher starts both ranks locally (no hostfile, no ssh). USR1 to
-    the batch shell, which #SBATCH --signal=B:USR1@300 sends before the time limit, makes the
-    script requeue the job; the rerun resumes from the last checkpoint and finishes."""
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    steps = 30  # long enough that USR1 reliably lands while it trains (~0.15 s a step here)
-    job = submit(slurm, "pretrain.sbatch", run_dir, log, steps=steps)
+def usr1_requeue_resume(slurm: SlurmCluster, script: str, run_dir: Path, log: Path, steps: int) -> tuple[int, str]:
+    """Submits `script`, sends USR1 to its batch shell (what #SBATCH --signal=B:USR1@300 does before
+    the time limit) once it trains, releases the requeued job and waits for it to finish. No
+    checkpoint by cadence exists (every 1000 steps): the only one mid-run is the one saved on USR1."""
+    env = sbatch_env(run_dir, steps, LAMDA_MASTER_PORT=str(free_port()))
+    env["LAMDA_SAVE_EVERY"] = "1000"
+    job = slurm.sbatch("--job-name", "lamda-test", "--output", str(log), "--nodes", "1", "--ntasks-per-node", "2",
+                       "--cpus-per-task", "1", str(SCRIPTS / script), env=env, cwd=ROOT)
 
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not (run_dir / "checkpoints" / "latest").exists():  # the first checkpoint (step 2)
+    while not ((run_dir / "metrics.jsonl").is_file() and len(train_records(run_dir)) >= 3):
         info = slurm.job(job)
         assert info["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
-            f"no checkpoint while the job ran: {info.get('JobState')}\n"
+            f"no training step while the job ran: {info.get('JobState')}\n"
             + (log.read_text(errors='replace')[-5000:] if log.exists() else ""))
         time.sleep(0.1)
     slurm.cmd("scancel", "--signal=USR1", "--batch", str(job), check=True)
@@ -108,22 +112,41 @@ def test_deepspeed_launcher_script_requeued_before_time_limit_resumes(slurm, tmp
         time.sleep(0.1)
     text = slurm.wait_ok(job, log, JOB_TIMEOUT)
 
-    assert f"USR1: time limit near, requeueing job {job}" in text
+    assert f"USR1: time limit near, asking job {job}'s ranks to save and stop" in text
+    stopped_at = int(text.split("stopping at step ")[1].split(":")[0])
+    assert "SIGUSR1 on rank" in text.split("stopping at step ")[1].splitlines()[0]
+    assert f"training saved a complete checkpoint and stopped on request: requeueing job {job}" in text
     assert f"job {job} (restart 0) on 1 node(s)" in text and f"job {job} (restart 1) on 1 node(s)" in text
+    # The rerun resumed from the checkpoint saved on USR1, and no step was run twice.
+    second_attempt = text.split(f"job {job} (restart 1)")[1]
+    resumed_at = int(second_attempt.split("resumed from ")[1].split(" at step ")[1].split(",")[0])
+    assert resumed_at == stopped_at and 3 <= stopped_at < steps
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, steps + 1))
+    assert latest(run_dir) == f"global_step{steps}"
+    return job, text
+
+
+def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identically(slurm, tmp_path):
+    """One node: the DeepSpeed launcher starts both ranks locally (no hostfile, no ssh); the script
+    passes USR1 to the launcher's children. The resumed run has an uninterrupted run's losses."""
+    steps = 30
+    run_dir = tmp_path / "run"
+    job, text = usr1_requeue_resume(slurm, "pretrain.sbatch", run_dir, tmp_path / "job.out", steps)
     launcher_lines = [line for line in text.splitlines() if line.startswith("+ ")]
     assert len(launcher_lines) == 2 and all("--num_gpus 2" in line and "ds_train.py" in line for line in launcher_lines)
     assert text.count("nnodes=1, num_local_procs=2") == 2  # DeepSpeed's launch.py, once per attempt
 
-    # The rerun resumed from the checkpoint the first attempt completed last, and went on to the end.
-    second_attempt = text.split(f"job {job} (restart 1)")[1]
-    resumed_at = int(second_attempt.split("resumed from ")[1].split(" at step ")[1].split(",")[0])
-    assert 2 <= resumed_at < steps and resumed_at % 2 == 0
-    records = train_records(run_dir)
-    n_rerun = steps - resumed_at
-    first, rerun = records[:-n_rerun], records[-n_rerun:]
-    assert [r["step"] for r in rerun] == list(range(resumed_at + 1, steps + 1))
-    assert [r["step"] for r in first] == list(range(1, len(first) + 1)) and len(first) >= resumed_at
-    # Steps the first attempt ran past its last checkpoint were recomputed, identically.
-    for a, b in zip(first[resumed_at:], rerun):
-        assert a["loss"] == b["loss"], (a, b)
-    assert latest(run_dir) == f"global_step{steps}"
+    # The same run without interruption (the same launcher and thread count) has the same losses.
+    reference = tmp_path / "reference"
+    subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                    str(free_port()), "ds_train.py", "--run-dir", str(reference), "--steps", str(steps),
+                    "--save-every", "1000", "--log-every", "1", "--eval-every", "0", "--sample-tokens", "0"],
+                   cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True,
+                   timeout=JOB_TIMEOUT)
+    assert [r["loss"] for r in train_records(run_dir)] == [r["loss"] for r in train_records(reference)]
+
+
+def test_srun_script_saves_on_usr1_and_requeues(slurm, tmp_path):
+    """srun passes the batch shell's USR1 on to every task."""
+    job, text = usr1_requeue_resume(slurm, "pretrain_srun.sbatch", tmp_path / "run", tmp_path / "job.out", 30)
+    assert text.count("+ srun --kill-on-bad-exit=1") == 2

@@ -68,26 +68,64 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${NUM_NODES} no
 echo "ranks: ${GPUS_PER_NODE} per node x ${NUM_NODES} = ${WORLD_SIZE_TOTAL} | ${OMP_NUM_THREADS} thread(s) each |" \
      "accelerator ${DS_ACCELERATOR:-auto} | master ${MASTER_ADDR}:${MASTER_PORT} | run dir ${LAMDA_RUN_DIR}"
 
-# Slurm sends USR1 to the batch shell before the time limit (#SBATCH --signal=B:USR1@...): requeue
-# the job, which then restarts from the last checkpoint. (ds_train.py does not save on a signal:
-# the steps since the last --save-every are recomputed.) A job that simply hits its time limit
-# ends as TIMEOUT and is not requeued.
-requeue_on_signal() {
-  echo "USR1: time limit near, requeueing job ${SLURM_JOB_ID}"
-  scontrol requeue "${SLURM_JOB_ID}" || echo "scontrol requeue failed: the job ends at its time limit" >&2
+# Exit statuses of ds_train.py (lamda_pipe/errors.py) that ask for a rerun with --resume auto.
+EXIT_REQUEUE=75  # stopped on request (signal, lost launcher) after saving a complete checkpoint
+EXIT_HUNG=76     # a rank made no progress for --hang-timeout; its stacks are in RUN_DIR/stacks
+LAMDA_MAX_RESTARTS=${LAMDA_MAX_RESTARTS:-20}  # no requeue after this many (a run that hangs every time)
+
+# The ranks on this node of the DeepSpeed launcher this job started (its master port is the job's).
+deepspeed_ranks() {
+  local launcher
+  for launcher in $(pgrep -f -- "deepspeed.launcher.launch .*--master_port=${MASTER_PORT}( |\$)"); do
+    pgrep -P "$launcher" || true
+  done
 }
 
-# Runs "$@" with the USR1 trap live: bash runs traps only between commands, so the launcher
-# runs in the background and the shell waits (a trap interrupts `wait`, so wait again).
+# Slurm sends USR1 to the batch shell before the time limit (#SBATCH --signal=B:USR1@...): pass it
+# to the ranks, which agree at the next step boundary, save a complete checkpoint and exit with
+# EXIT_REQUEUE (one rank getting it is enough: the others learn it from the agreement). Only the
+# ranks: DeepSpeed's runner and launcher die of USR1 and would lose the ranks' exit status.
+forward_stop() {
+  echo "USR1: time limit near, asking job ${SLURM_JOB_ID}'s ranks to save and stop"
+  if [ "$STOP_VIA" = srun ]; then
+    kill -USR1 "$CHILD" 2>/dev/null || true  # srun passes USR1 on to every task
+  else
+    local ranks
+    ranks=$(deepspeed_ranks)
+    # shellcheck disable=SC2086  # one PID per word
+    [ -z "$ranks" ] || kill -USR1 $ranks 2>/dev/null || true
+  fi
+}
+
+requeue() {
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$LAMDA_MAX_RESTARTS" ]; then
+    echo "$1; not requeueing: restarted ${SLURM_RESTART_COUNT} times (LAMDA_MAX_RESTARTS)" >&2
+    return
+  fi
+  echo "$1: requeueing job ${SLURM_JOB_ID}"
+  scontrol requeue "${SLURM_JOB_ID}" || echo "scontrol requeue failed: submit the same job again to continue" >&2
+}
+
+# run_with_requeue srun|launcher COMMAND...: runs COMMAND with the USR1 trap live (bash runs traps
+# only between commands, so it runs in the background and the shell waits; a trap interrupts
+# `wait`, so wait again), then requeues on EXIT_REQUEUE or EXIT_HUNG.
 run_with_requeue() {
+  STOP_VIA=$1
+  shift
   echo "+ $*"
   if [ -n "${LAMDA_DRY_RUN:-}" ]; then return 0; fi
-  trap requeue_on_signal USR1
+  trap forward_stop USR1
   "$@" &
-  local child=$! status=0
+  CHILD=$!
+  local status=0
   while true; do
-    wait "$child" && status=0 || status=$?
-    kill -0 "$child" 2>/dev/null || break
+    wait "$CHILD" && status=0 || status=$?
+    kill -0 "$CHILD" 2>/dev/null || break
   done
+  trap - USR1
+  case "$status" in
+    "$EXIT_REQUEUE") requeue "training saved a complete checkpoint and stopped on request" ;;
+    "$EXIT_HUNG") requeue "a rank hung (stacks in $LAMDA_RUN_DIR/stacks)" ;;
+  esac
   return "$status"
 }
