@@ -17,7 +17,9 @@ is the one number a resumed run needs to continue with the next unseen sample.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import zipfile
@@ -58,6 +60,64 @@ def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
         (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(d)
     return doomed
+
+
+@contextlib.contextmanager
+def write_errors_recorded(engine, failures: list):
+    """While DeepSpeed saves: a failed write on this rank (OSError, or torch.save's RuntimeError,
+    e.g. 'basic_ios::clear: iostream error' on a full disk) is appended to `failures` and the
+    rank's remaining writes are skipped, instead of raising out of save_checkpoint, which would
+    leave the other ranks waiting in DeepSpeed's closing barrier."""
+    def guarded(write):
+        def call(*args, **kwargs):
+            if failures:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:
+                failures.append(e)
+                return None
+        return call
+
+    ckpt_engine = engine.checkpoint_engine
+    saved = ckpt_engine.save, engine._copy_recovery_script  # every file DeepSpeed 0.16-0.19 writes
+    ckpt_engine.save, engine._copy_recovery_script = guarded(saved[0]), guarded(saved[1])
+    try:
+        yield
+    finally:
+        ckpt_engine.save, engine._copy_recovery_script = saved
+
+
+def discard_unfinished(ckpt_dir: Path, tag: str) -> None:
+    """Rank 0, after a failed save: the folder goes (freeing what it took) unless `latest` names it."""
+    if (ckpt_dir / LATEST).is_file() and (ckpt_dir / LATEST).read_text().strip() == tag:
+        return
+    (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def save_failure(ckpt_dir: Path, step: int, failures: list) -> str:
+    """One line: why the save at `step` failed, and that the previous checkpoint is intact."""
+    if failures:
+        e = failures[0]
+        full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(ckpt_dir) < 1 << 20
+        cause = (f"the disk holding {ckpt_dir} is full ({_free_bytes(ckpt_dir) / 2**20:.1f} MiB free)" if full
+                 else f"writing it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    else:
+        cause = "another rank could not write its part (its log says why: a full disk, most likely)"
+    latest = ckpt_dir / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
+    kept = (f"the previous checkpoint {previous} and `latest` are intact" if previous
+            else "no earlier checkpoint exists")
+    return (f"the checkpoint at step {step} was not completed (removed): {cause}; {kept}; free space (or pass "
+            f"--keep-last N) and rerun with --resume auto")
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def validate(tag_dir: Path, deep: bool = True) -> RunRecord | None:
@@ -286,18 +346,49 @@ class Checkpointer:
         return True
 
     def _write(self, engine, step: int) -> None:
+        """begin -> every rank writes -> commit, each phase ending with every rank agreeing that it
+        succeeded (an all-reduce, where a barrier would do): a rank whose write failed (a full
+        disk) makes all of them stop together, none waits in a barrier for it, and nothing is
+        marked complete. Raises CheckpointError saying what was kept."""
         tag = tag_for(step)
         record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
                                      micro_offset=engine.module.micro_offset)
+        failures: list[BaseException] = []
         if self.rank == 0:
-            begin_save(self.dir / tag, record, self.tokenizer)
-        self.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # the record is our file, written above
-        self.barrier()  # every rank has written its files: only now is the checkpoint complete
-        if self.rank == 0:
-            for old in commit_save(self.dir, tag, self.keep_last):
-                self.log(f"deleted old checkpoint {old}")
-        self.barrier()
+            try:
+                begin_save(self.dir / tag, record, self.tokenizer)
+            except OSError as e:
+                failures.append(e)
+        if self._all_ok(not failures):
+            with write_errors_recorded(engine, failures):
+                engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # the record is ours, above
+        # every rank has written its files: only now is the checkpoint complete
+        ok = self._all_ok(not failures)
+        if ok and self.rank == 0:
+            try:
+                for old in commit_save(self.dir, tag, self.keep_last):
+                    self.log(f"deleted old checkpoint {old}")
+            except OSError as e:
+                failures.append(e)
+        if not self._all_ok(ok and not failures):
+            message = save_failure(self.dir, step, failures)
+            if self.rank == 0:
+                discard_unfinished(self.dir, tag)
+            raise CheckpointError(message)
+
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether every rank says ok: an all-reduce (MIN) of one flag, a barrier in one process."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            self.barrier()
+            return ok
+        from deepspeed.accelerator import get_accelerator
+
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def resumed_at(self, step: int, samples_consumed: int) -> None:
         """Where the loaded checkpoint left off: the data position, and a save that exists."""
