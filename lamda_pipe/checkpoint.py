@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, ConfigError, UsageError
+from .errors import CheckpointError, ConfigError
 from .run_format import COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, step_of, tag_for
 
 
@@ -238,24 +238,15 @@ def choose_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
                       f"resume; point --load at a directory written by a run (RUN_DIR/checkpoints)")
 
 
-def data_identity(spec: str | None) -> list[tuple[str, float]] | None:
-    """A --data spec as resolved dirs and rounded weights, so that './d' and 'd:1' compare equal."""
-    if spec is None:
-        return None
-    from .data.loader import parse_data_spec
-    try:
-        return sorted((str(p.resolve()), round(w, 9)) for p, w in parse_data_spec(spec))
-    except UsageError:
-        return [(spec, 1.0)]
-
-
 def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is_demo: bool) -> None:
     """A resume reads the same data the run was trained on, whether --data was given or left out.
     The demo's data lives in its run dir (RUN_DIR/data), which may have moved with the run: there
     the tokenizer hash and the model are what identify it."""
     if theirs is None:
         return  # a record written before the data was recorded
-    theirs_demo = _is_demo_data(theirs, tag_dir)
+    from .data.loader import is_bundled_data, same_data
+
+    theirs_demo = is_bundled_data(theirs, tag_dir.parent.parent)
     if ours_is_demo and theirs_demo:
         return
     if ours_is_demo:
@@ -264,24 +255,9 @@ def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is
     if theirs_demo:
         raise ConfigError(f"--load {tag_dir} was trained on the bundled corpus, but this run gives --data {ours}; "
                           f"leave out --data to continue it, or start a new --run-dir (or --init-from) for new data")
-    if data_identity(theirs) != data_identity(ours):
+    if not same_data(theirs, ours):
         raise ConfigError(f"--load {tag_dir} was trained on --data {theirs}, not {ours}; pass --data {theirs} "
                           f"(the same dirs and weights), or start a new --run-dir (or --init-from) for new data")
-
-
-def _is_demo_data(spec: str, tag_dir: Path) -> bool:
-    """Whether a record's data is the bundled corpus prepared into its run dir."""
-    path = Path(spec)
-    if path == tag_dir.parent.parent / "data":
-        return True
-    meta = path / "meta.json"
-    if meta.is_file():
-        import json
-        try:
-            return str(json.loads(meta.read_text()).get("source", "")).startswith("bundled corpus")
-        except ValueError:
-            return False
-    return path.name == "data" and "," not in spec  # the run dir moved: its data cache with it
 
 
 def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, layout: Layout,
