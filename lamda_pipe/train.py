@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan.resume is not None and plan.resume.note and launch_env(plan.run.local_rank).rank == 0:
         print(f"note: {plan.resume.note}", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
-    return train(plan)
+    try:
+        return train(plan)
+    except CheckpointError as e:  # a save that could not complete (full disk): every rank agrees and says so
+        print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 def train(plan: Plan) -> int:
