@@ -26,6 +26,7 @@ from lamda_pipe.guard import Diverged, Fault, Guard, GuardSettings, check_ds_con
 from lamda_pipe.errors import ConfigError
 from lamda_pipe.run_format import RunRecord
 from tests.dist_utils import free_port, run_ranks
+from tests.test_e2e import tensorboard_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = get_preset("debug")
@@ -233,6 +234,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_rolls_back_past_exact_
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9]  # step 7 again after the rollback
     assert [r["skipped_steps"] for r in train] == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
     assert math.isnan(train[5]["loss"]) and math.isnan(train[6]["loss"])
+    assert "Train/Samples/skipped_steps" in tensorboard_tags(healed)
     assert all(math.isfinite(r["loss"]) for r in train[7:])  # the poisoned samples were never seen again
     # the skipped step 6 left the weights as step 5 had them; a step that was not skipped changes them
     w4, w5, w6 = weights(healed, 4), weights(healed, 5), weights(healed, 6)
