@@ -150,3 +150,24 @@ def test_full_disk_through_the_launcher_is_one_line_and_exit_2(twelve_mb_disk):
     ckpt = run_dir / "checkpoints"
     assert latest_tag_dir(ckpt) == ckpt / "global_step2" and validate(ckpt / "global_step2").global_steps == 2
     assert not (ckpt / "global_step4").exists()
+
+
+@pytest.mark.unit
+def test_the_failure_line_says_what_was_kept(tmp_path):
+    import errno as errno_codes
+
+    from lamda_pipe.checkpoint import save_failure
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    full = OSError(errno_codes.ENOSPC, "No space left on device")
+    assert "no earlier checkpoint exists" in save_failure(ckpt, 2, [full])
+    (ckpt / "latest").write_text("global_step2")
+    line = save_failure(ckpt, 4, [full])
+    assert line.startswith(f"the checkpoint at step 4 was not completed (removed): the disk holding {ckpt} is full")
+    assert "the previous checkpoint global_step2 and `latest` are intact" in line
+    assert "another rank could not write its part" in save_failure(ckpt, 4, [])
+    assert "writing it failed (PermissionError: denied)" in save_failure(ckpt, 4, [PermissionError("denied")])
+    (ckpt / "latest").write_text("global_step4")  # only keep-last's deletion failed
+    assert save_failure(ckpt, 4, [PermissionError("denied")]).startswith(
+        "the checkpoint at step 4 is complete and `latest` names it, but deleting older checkpoints failed")
