@@ -115,6 +115,9 @@ def save_failure(ckpt_dir: Path, step: int, failures: list) -> str:
         cause = "another rank could not write its part (its log says why: a full disk, most likely)"
     latest = ckpt_dir / LATEST
     previous = latest.read_text().strip() if latest.is_file() else None
+    if previous == tag_for(step):  # only keep-last's deletion of older checkpoints failed
+        return (f"the checkpoint at step {step} is complete and `latest` names it, but deleting older checkpoints "
+                f"failed: {cause}; delete them yourself and rerun with --resume auto")
     kept = (f"the previous checkpoint {previous} and `latest` are intact" if previous
             else "no earlier checkpoint exists")
     return (f"the checkpoint at step {step} was not completed (removed): {cause}; {kept}; free space (or pass "
@@ -248,8 +251,8 @@ def choose_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
 
 def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is_demo: bool) -> None:
     """A resume reads the same data the run was trained on, whether --data was given or left out.
-    The demo's data lives in its run dir (RUN_DIR/data), which may have moved with the run: there
-    the tokenizer hash and the model are what identify it."""
+    The demo's data lives in its run dir (RUN_DIR/data), which may have moved with the run: the
+    bundled corpus and the model's vocabulary (checked) determine it."""
     if theirs is None:
         return  # a record written before the data was recorded
     from .data.loader import is_bundled_data, same_data

@@ -54,3 +54,11 @@ def test_reachable_hosts_pass_and_bad_hostfiles_are_one_line(tmp_path, hosts, ca
     assert "line 1: '127.0.0.1 gpus=2' is not 'HOST slots=N'" in capsys.readouterr().err
     assert main(["--hostfile", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_multi_node_sbatch_script_checks_its_hosts_before_the_launcher():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "scripts/slurm/pretrain.sbatch").read_text()
+    check = text.index('"$PYTHON" -m lamda_pipe.tools.check_hosts --hostfile "$HOSTFILE" || exit 2')
+    assert text.index('> "$HOSTFILE"') < check < text.index('LAUNCH=(--hostfile "$HOSTFILE"')

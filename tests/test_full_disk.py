@@ -5,7 +5,9 @@ previous checkpoint and `latest` are intact."""
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +18,6 @@ from tests.helpers import TINY_PIPE
 from tests.test_pipeline import ds_config, token_stream
 from tests.test_resume_dropout import _checkpointer
 
-pytestmark = pytest.mark.distributed
 MS_REMOUNT = 32
 
 
@@ -88,6 +89,7 @@ def save_until_full(rank, disk: str, only_rank_1: bool):
     return {"error": None}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("only_rank_1", [False, True], ids=["every-rank-fails", "only-rank-1-fails"])
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_every_rank(small_disk, only_rank_1):
     from lamda_pipe.checkpoint import validate
@@ -106,3 +108,66 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_every_r
     assert latest_tag_dir(ckpt) == ckpt / "global_step1"
     assert validate(ckpt / "global_step1").global_steps == 1
     assert not (ckpt / "global_step2").exists()
+
+
+@pytest.fixture
+def twelve_mb_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    err = mount_tmpfs(disk, 12 * 1024)  # the demo's data and one checkpoint (8.3 MB) fit, a second does not
+    if err:
+        pytest.skip(f"cannot mount a tmpfs here (errno {err}): needs root (CAP_SYS_ADMIN)")
+    yield disk
+    ctypes.CDLL(None).umount2(str(disk).encode(), 2)
+
+
+def run_demo_on(run_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    from tests.dist_utils import free_port
+    from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DS_TRAIN, "--run-dir",
+                           str(run_dir), "--eval-every", "0", "--sample-tokens", "0", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.launch
+def test_full_disk_through_the_launcher_is_one_line_and_exit_2(twelve_mb_disk):
+    """What the user sees: ds_train.py's one line per rank, the launcher's non-zero exit, the
+    previous checkpoint intact and resumable."""
+    from lamda_pipe.checkpoint import validate
+    from lamda_pipe.run_format import latest_tag_dir
+
+    run_dir = twelve_mb_disk / "run"
+    proc = run_demo_on(run_dir, "--steps", "4", "--save-every", "2")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ds_train.py: error:" in line]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one per rank
+    assert "Traceback" not in proc.stderr
+    assert any(f"the disk holding {run_dir / 'checkpoints'} is full" in e for e in errors)
+    assert all("the checkpoint at step 4 was not completed (removed)" in e and
+               "the previous checkpoint global_step2 and `latest` are intact" in e for e in errors)
+    ckpt = run_dir / "checkpoints"
+    assert latest_tag_dir(ckpt) == ckpt / "global_step2" and validate(ckpt / "global_step2").global_steps == 2
+    assert not (ckpt / "global_step4").exists()
+
+
+@pytest.mark.unit
+def test_the_failure_line_says_what_was_kept(tmp_path):
+    import errno as errno_codes
+
+    from lamda_pipe.checkpoint import save_failure
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    full = OSError(errno_codes.ENOSPC, "No space left on device")
+    assert "no earlier checkpoint exists" in save_failure(ckpt, 2, [full])
+    (ckpt / "latest").write_text("global_step2")
+    line = save_failure(ckpt, 4, [full])
+    assert line.startswith(f"the checkpoint at step 4 was not completed (removed): the disk holding {ckpt} is full")
+    assert "the previous checkpoint global_step2 and `latest` are intact" in line
+    assert "another rank could not write its part" in save_failure(ckpt, 4, [])
+    assert "writing it failed (PermissionError: denied)" in save_failure(ckpt, 4, [PermissionError("denied")])
+    (ckpt / "latest").write_text("global_step4")  # only keep-last's deletion failed
+    assert save_failure(ckpt, 4, [PermissionError("denied")]).startswith(
+        "the checkpoint at step 4 is complete and `latest` names it, but deleting older checkpoints failed")
