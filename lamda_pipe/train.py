@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Layout, ResumePoint, holds_checkpoints, resume_point
+from .checkpoint import Layout, ResumePoint, holds_checkpoints
 from .config import ModelConfig, param_count
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
@@ -27,6 +27,7 @@ from .ds_config import BatchShape, check_run, default_config_path, fill_run_valu
 from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
 from .guard import (EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, finite_or_nan, settings_for,
                     weights_finite)
+from .resume import resume_point
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 
