@@ -17,7 +17,9 @@ is the one number a resumed run needs to continue with the next unseen sample.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import zipfile
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, ConfigError, UsageError
+from .errors import CheckpointError, ConfigError
 from .run_format import COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, step_of, tag_for
 
 
@@ -33,7 +35,7 @@ class NonFiniteWeights(RuntimeError):
     """A save was refused: some rank holds non-finite weights. Nothing was written."""
 
     def __init__(self, step: int):
-        super().__init__(f"step {step}: the weights are not finite; no checkpoint was written")
+        super().__init__("the weights are not finite on some rank; no checkpoint was written")
         self.step = step
 
 
@@ -66,6 +68,64 @@ def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
         (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(d)
     return doomed
+
+
+@contextlib.contextmanager
+def write_errors_recorded(engine, failures: list):
+    """While DeepSpeed saves: a failed write on this rank (OSError, or torch.save's RuntimeError,
+    e.g. 'basic_ios::clear: iostream error' on a full disk) is appended to `failures` and the
+    rank's remaining writes are skipped, instead of raising out of save_checkpoint, which would
+    leave the other ranks waiting in DeepSpeed's closing barrier."""
+    def guarded(write):
+        def call(*args, **kwargs):
+            if failures:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:
+                failures.append(e)
+                return None
+        return call
+
+    ckpt_engine = engine.checkpoint_engine
+    saved = ckpt_engine.save, engine._copy_recovery_script  # every file DeepSpeed 0.16-0.19 writes
+    ckpt_engine.save, engine._copy_recovery_script = guarded(saved[0]), guarded(saved[1])
+    try:
+        yield
+    finally:
+        ckpt_engine.save, engine._copy_recovery_script = saved
+
+
+def discard_unfinished(ckpt_dir: Path, tag: str) -> None:
+    """Rank 0, after a failed save: the folder goes (freeing what it took) unless `latest` names it."""
+    if (ckpt_dir / LATEST).is_file() and (ckpt_dir / LATEST).read_text().strip() == tag:
+        return
+    (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def save_failure(ckpt_dir: Path, step: int, failures: list) -> str:
+    """One line: why the save at `step` failed, and that the previous checkpoint is intact."""
+    if failures:
+        e = failures[0]
+        full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(ckpt_dir) < 1 << 20
+        cause = (f"the disk holding {ckpt_dir} is full ({_free_bytes(ckpt_dir) / 2**20:.1f} MiB free)" if full
+                 else f"writing it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    else:
+        cause = "another rank could not write its part (its log says why: a full disk, most likely)"
+    latest = ckpt_dir / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
+    kept = (f"the previous checkpoint {previous} and `latest` are intact" if previous
+            else "no earlier checkpoint exists")
+    return (f"the checkpoint at step {step} was not completed (removed): {cause}; {kept}; free space (or pass "
+            f"--keep-last N) and rerun with --resume auto")
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def validate(tag_dir: Path, deep: bool = True) -> RunRecord | None:
@@ -186,24 +246,17 @@ def choose_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
                       f"resume; point --load at a directory written by a run (RUN_DIR/checkpoints)")
 
 
-def data_identity(spec: str | None) -> list[tuple[str, float]] | None:
-    """A --data spec as resolved dirs and rounded weights, so that './d' and 'd:1' compare equal."""
-    if spec is None:
-        return None
-    from .data.loader import parse_data_spec
-    try:
-        return sorted((str(p.resolve()), round(w, 9)) for p, w in parse_data_spec(spec))
-    except UsageError:
-        return [(spec, 1.0)]
-
-
 def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is_demo: bool) -> None:
     """A resume reads the same data the run was trained on, whether --data was given or left out.
     The demo's data lives in its run dir (RUN_DIR/data), which may have moved with the run: there
     the tokenizer hash and the model are what identify it."""
     if theirs is None:
         return  # a record written before the data was recorded
-    theirs_demo = _is_demo_data(theirs, tag_dir)
+    from .data.loader import is_bundled_data, same_data
+
+    if not ours_is_demo and same_data(theirs, ours):
+        return  # the same dirs and weights, whatever they hold (the bundled corpus passed as --data too)
+    theirs_demo = is_bundled_data(theirs, tag_dir.parent.parent)
     if ours_is_demo and theirs_demo:
         return
     if ours_is_demo:
@@ -212,24 +265,9 @@ def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is
     if theirs_demo:
         raise ConfigError(f"--load {tag_dir} was trained on the bundled corpus, but this run gives --data {ours}; "
                           f"leave out --data to continue it, or start a new --run-dir (or --init-from) for new data")
-    if data_identity(theirs) != data_identity(ours):
+    if not same_data(theirs, ours):
         raise ConfigError(f"--load {tag_dir} was trained on --data {theirs}, not {ours}; pass --data {theirs} "
                           f"(the same dirs and weights), or start a new --run-dir (or --init-from) for new data")
-
-
-def _is_demo_data(spec: str, tag_dir: Path) -> bool:
-    """Whether a record's data is the bundled corpus prepared into its run dir."""
-    path = Path(spec)
-    if path == tag_dir.parent.parent / "data":
-        return True
-    meta = path / "meta.json"
-    if meta.is_file():
-        import json
-        try:
-            return str(json.loads(meta.read_text()).get("source", "")).startswith("bundled corpus")
-        except ValueError:
-            return False
-    return path.name == "data" and "," not in spec  # the run dir moved: its data cache with it
 
 
 def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, layout: Layout,
@@ -297,20 +335,51 @@ class Checkpointer:
         return True
 
     def _write(self, engine, step: int) -> None:
+        """begin -> every rank writes -> commit, each phase ending with every rank agreeing that it
+        succeeded (an all-reduce, where a barrier would do): a rank whose write failed (a full
+        disk) makes all of them stop together, none waits in a barrier for it, and nothing is
+        marked complete. Raises CheckpointError saying what was kept."""
         if self.weights_finite is not None and not self.weights_finite(engine):
             raise NonFiniteWeights(step)  # never written, never complete, so keep-last deletes nothing
         tag = tag_for(step)
         record = dataclasses.replace(self.record, global_steps=step, samples_consumed=self.samples_consumed(step),
                                      micro_offset=engine.module.micro_offset)
+        failures: list[BaseException] = []
         if self.rank == 0:
-            begin_save(self.dir / tag, record, self.tokenizer)
-        self.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # the record is our file, written above
-        self.barrier()  # every rank has written its files: only now is the checkpoint complete
-        if self.rank == 0:
-            for old in commit_save(self.dir, tag, self.keep_last):
-                self.log(f"deleted old checkpoint {old}")
-        self.barrier()
+            try:
+                begin_save(self.dir / tag, record, self.tokenizer)
+            except OSError as e:
+                failures.append(e)
+        if self._all_ok(not failures):
+            with write_errors_recorded(engine, failures):
+                engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # the record is ours, above
+        # every rank has written its files: only now is the checkpoint complete
+        ok = self._all_ok(not failures)
+        if ok and self.rank == 0:
+            try:
+                for old in commit_save(self.dir, tag, self.keep_last):
+                    self.log(f"deleted old checkpoint {old}")
+            except OSError as e:
+                failures.append(e)
+        if not self._all_ok(ok and not failures):
+            message = save_failure(self.dir, step, failures)
+            if self.rank == 0:
+                discard_unfinished(self.dir, tag)
+            raise CheckpointError(message)
+
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether every rank says ok: an all-reduce (MIN) of one flag, a barrier in one process."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            self.barrier()
+            return ok
+        from deepspeed.accelerator import get_accelerator
+
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def resumed_at(self, step: int, samples_consumed: int) -> None:
         """Where the loaded checkpoint left off: the data position, and a save that exists."""
@@ -363,7 +432,7 @@ class Checkpointer:
         reloaded checkpoint's record (rewritten atomically, its data position moved to `end`)
         and into every later save, so a resume from either continues past it, as this run does.
         Collective: call on every rank. Raises CheckpointError when there is no checkpoint."""
-        tag_dir = latest_tag_dir(self.dir)
+        tag_dir = choose_checkpoint(self.dir)[0] if holds_checkpoints(self.dir) else None
         record = None if tag_dir is None else RunRecord.read(tag_dir)
         if record is None:
             raise CheckpointError(f"no checkpoint of this run in {self.dir} to roll back to; save more often "
@@ -374,14 +443,13 @@ class Checkpointer:
         self.barrier()  # every rank has read the old record
         if self.rank == 0:
             write_atomic(tag_dir / RUN_RECORD, record.to_json())
+        # A run resumed onto another layout may roll back to a checkpoint of the old one: resume
+        # handles that (through the universal checkpoint), the data position and dropout seeds.
+        layout = Layout(record.pipe_stages, record.data_parallel, tuple(record.stage_bounds or ()))
+        ours = Layout(self.record.pipe_stages, self.record.data_parallel, tuple(self.record.stage_bounds or ()))
         skipped_steps = engine.skipped_steps  # the count covers the whole run, rolled-back steps too
-        path, _ = engine.load_checkpoint(str(self.dir), tag=tag_dir.name)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir} to roll back to")
+        self.resume(engine, ResumePoint(tag_dir, record, layout, layout != ours))
         engine.skipped_steps = skipped_steps
-        engine.module.micro_offset = record.micro_offset
-        self.record = dataclasses.replace(self.record, skipped_samples=record.skipped_samples)
-        self.resumed_at(engine.global_steps, skip[1])
         if self.rank == 0:
             self.log(f"rolled back from step {failed_step} to {tag_dir.name}; samples {skip[0]}-{skip[1] - 1} "
                      f"will not be trained on")

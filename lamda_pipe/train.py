@@ -25,7 +25,8 @@ from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
-from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, settings_for
+from .guard import (EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, finite_or_nan, settings_for,
+                    weights_finite)
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 
@@ -139,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan.resume is not None and plan.resume.note and launch_env(plan.run.local_rank).rank == 0:
         print(f"note: {plan.resume.note}", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
-    return train(plan)
+    try:
+        return train(plan)
+    except CheckpointError as e:  # a save that could not complete (full disk): every rank agrees and says so
+        print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 def train(plan: Plan) -> int:
@@ -266,7 +271,6 @@ def build_engine(plan: Plan, rank: int):
     """The pipeline, initialised from --init-from's weights if given, wrapped by DeepSpeed."""
     import deepspeed
 
-    from .guard import finite_or_nan
     from .pipeline import build_pipeline, describe_stages
     from .weights import copy_into_pipeline, read_plain_state
 
@@ -293,8 +297,6 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier):
 
     run = plan.run
     record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources)
-    from .guard import weights_finite
-
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,

@@ -26,6 +26,7 @@ from lamda_pipe.guard import Diverged, Fault, Guard, GuardSettings, check_ds_con
 from lamda_pipe.errors import ConfigError
 from lamda_pipe.run_format import RunRecord
 from tests.dist_utils import free_port, run_ranks
+from tests.test_e2e import tensorboard_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = get_preset("debug")
@@ -233,6 +234,7 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_rolls_back_past_exact_
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9]  # step 7 again after the rollback
     assert [r["skipped_steps"] for r in train] == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
     assert math.isnan(train[5]["loss"]) and math.isnan(train[6]["loss"])
+    assert "Train/Samples/skipped_steps" in tensorboard_tags(healed)
     assert all(math.isfinite(r["loss"]) for r in train[7:])  # the poisoned samples were never seen again
     # the skipped step 6 left the weights as step 5 had them; a step that was not skipped changes them
     w4, w5, w6 = weights(healed, 4), weights(healed, 5), weights(healed, 6)
@@ -278,6 +280,51 @@ def test_nonfinite_weights_are_never_saved_and_keep_last_keeps_the_good_checkpoi
     assert all(torch.isfinite(v).all() for v in weights(run_dir, 8).values())
     steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+
+
+def _train_fp16_poisoned(rank: int, argv: list[str], poison_rows: np.ndarray) -> int:
+    """fp16 on CPU, for the overflow path only (never for users): DeepSpeed's accelerator is told
+    it supports fp16 and the trainer's "fp16 needs a GPU" check is passed over."""
+    from deepspeed.accelerator import get_accelerator
+
+    import lamda_pipe.train as train
+
+    accel = get_accelerator()
+    accel.is_fp16_supported = lambda: True
+    accel.supported_dtypes = lambda: [torch.float, torch.half, torch.bfloat16]
+    real_check = train.check_run
+    train.check_run = lambda ds, **kw: real_check(ds, **{**kw, "cuda_available": True})
+    return _train_poisoned(rank, argv, poison_rows)
+
+
+@pytest.mark.distributed
+def test_fp16_loss_scaler_skips_an_injected_inf_and_a_collapse_rolls_back(data_dir, tmp_path):
+    ds = json.loads((ROOT / "lamda_pipe" / "ds_configs" / "cpu.json").read_text())
+    poison = sample_rows(data_dir, range(80, 96))  # step 6's samples
+
+    def run(name: str, min_scale: int) -> Path:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1,
+                      "loss_scale_window": 1000, "min_loss_scale": min_scale}
+        (tmp_path / f"{name}.json").write_text(json.dumps(ds))
+        argv = ["--run-dir", str(tmp_path / name), "--data", str(data_dir), "--deepspeed_config",
+                str(tmp_path / f"{name}.json"), "--steps", "8", "--save-every", "1", *FLAGS]
+        assert run_ranks(_train_fp16_poisoned, 2, argv, poison, timeout=240) == [0, 0]
+        return tmp_path / name
+
+    # DeepSpeed's dynamic loss scaling is the first line: the step is skipped, the scale halved
+    scaler = run("scaler", 1)
+    train = [r for r in metrics(scaler) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["skipped_steps"] for r in train] == [0] * 5 + [1] * 3
+    assert [r["loss_scale"] for r in train] == [256.0] * 5 + [128.0] * 3 and math.isnan(train[5]["loss"])
+    w5, w6 = weights(scaler, 5), weights(scaler, 6)
+    assert all(torch.equal(w5[k], w6[k]) for k in w5)
+    # a scale that falls to min_loss_scale is a collapse: roll back to step 5, skip step 6's samples
+    collapsed = run("collapsed", 128)
+    train = [r for r in metrics(collapsed) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6, 6, 7, 8]
+    assert [r["loss_scale"] for r in train] == [256.0] * 5 + [128.0] + [256.0] * 3
+    assert record(collapsed, 8)["skipped_samples"] == [[80, 96]]
 
 
 def hot_config(tmp_path: Path) -> Path:

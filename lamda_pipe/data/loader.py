@@ -65,6 +65,33 @@ def parse_data_spec(spec: str) -> list[tuple[Path, float]]:
     return [(p, w / total) for p, w in out]
 
 
+def same_data(spec_a: str, spec_b: str) -> bool:
+    """Whether two --data specs name the same dirs with the same weights ('./d' == 'd:1', any
+    order, weights normalised)."""
+    def identity(spec):
+        try:
+            return sorted((str(p.resolve()), round(w, 9)) for p, w in parse_data_spec(spec))
+        except DataError:
+            return [(spec, 1.0)]
+    return identity(spec_a) == identity(spec_b)
+
+
+def is_bundled_data(spec: str, run_dir: Path) -> bool:
+    """Whether a run record's data is the bundled corpus, which a run prepares into RUN_DIR/data:
+    there, in a dir whose meta.json says so, or (the run dir moved with it) a missing '.../data'."""
+    path = Path(spec)
+    if path == run_dir / "data":
+        return True
+    meta = path / "meta.json"
+    if meta.is_file():
+        import json
+        try:
+            return str(json.loads(meta.read_text()).get("source", "")).startswith("bundled corpus")
+        except ValueError:
+            return False
+    return path.name == "data" and "," not in spec
+
+
 @dataclass
 class DataSource:
     """One prepared data dir, opened lazily (memory-mapped, nothing read up front)."""

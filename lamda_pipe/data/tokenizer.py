@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import DataError
 
@@ -29,6 +30,10 @@ SPECIAL_TOKENS = [EOT, PAD, UNK]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 MIN_VOCAB_SIZE = len(BYTE_TOKENS) + len(SPECIAL_TOKENS) + 1
 MAX_ALPHABET = 1000  # characters kept as base symbols; rarer ones fall back to bytes (as HF's SentencePieceBPE)
+# Training splits longer runs without whitespace into pieces of this many characters: the BPE
+# trainer's time grows far faster than a word's length (one 160k-character word: 12 s, 80k: 2 s),
+# and no useful token is that long. Only training sees the split; encoding is unchanged.
+MAX_WORD_CHARS = 64
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int = 32000, show_progress: bool = False) -> Tokenizer:
@@ -52,11 +57,38 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = 32000, show_progress:
     trainer = trainers.BpeTrainer(vocab_size=budget, special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
                                   limit_alphabet=min(MAX_ALPHABET, budget - len(SPECIAL_TOKENS)))
     counted = _Counter(docs)
-    tok.train_from_iterator(counted, trainer=trainer)
+    metaspace = tok.pre_tokenizer
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        metaspace, pre_tokenizers.Split(Regex(rf"[\s\S]{{1,{MAX_WORD_CHARS}}}"), behavior="isolated")])
+    _interruptible(lambda: tok.train_from_iterator(counted, trainer=trainer))
+    tok.pre_tokenizer = metaspace
     if counted.docs == 0:
         raise DataError("no documents to train the tokenizer on (every input was empty); check --input / "
                         "--dataset and --text-field")
     return _with_byte_tokens(tok)
+
+
+def _interruptible(work) -> None:
+    """Runs work() in a helper thread while this thread waits in Python: the trainer runs in
+    native code, where SIGTERM's and SIGINT's Python handlers would wait for it to finish; the
+    waiting thread runs them at once (and the helper, a daemon, ends with the process)."""
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        work()
+        return
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001  handed to the waiting thread
+            failed.append(e)
+
+    helper = threading.Thread(target=run, name="tokenizer-training", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+    if failed:
+        raise failed[0]
 
 
 class _Counter:
