@@ -183,6 +183,7 @@ class Lifecycle:
     def close(self) -> None:
         self._closed.set()
         if self._thread is not None:
+            os.write(self._wake_w, b"\0")  # wakes the watchdog's select() at once
             self._thread.join()
         if self._wake_r is not None:
             signal.set_wakeup_fd(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +116,8 @@ def usr1_requeue_resume(slurm: SlurmCluster, script: str, run_dir: Path, log: Pa
     assert f"USR1: time limit near, asking job {job}'s ranks to save and stop" in text
     stopped_at = int(text.split("stopping at step ")[1].split(":")[0])
     assert "SIGUSR1 on rank" in text.split("stopping at step ")[1].splitlines()[0]
-    assert f"training saved a complete checkpoint and stopped on request: requeueing job {job}" in text
+    assert re.search(rf"training saved a complete checkpoint and stopped on request \(status \d+\): requeueing job {job}",
+                     text)
     assert f"job {job} (restart 0) on 1 node(s)" in text and f"job {job} (restart 1) on 1 node(s)" in text
     # The rerun resumed from the checkpoint saved on USR1, and no step was run twice.
     second_attempt = text.split(f"job {job} (restart 1)")[1]
@@ -132,6 +134,7 @@ def test_deepspeed_launcher_script_saves_on_usr1_requeues_and_resumes_bit_identi
     steps = 30
     run_dir = tmp_path / "run"
     job, text = usr1_requeue_resume(slurm, "pretrain.sbatch", run_dir, tmp_path / "job.out", steps)
+    assert "stopped on request (status 75)" in text  # DeepSpeed's launcher passes the ranks' status on
     launcher_lines = [line for line in text.splitlines() if line.startswith("+ ")]
     assert len(launcher_lines) == 2 and all("--num_gpus 2" in line and "ds_train.py" in line for line in launcher_lines)
     assert text.count("nnodes=1, num_local_procs=2") == 2  # DeepSpeed's launch.py, once per attempt

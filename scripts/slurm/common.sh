@@ -87,6 +87,7 @@ deepspeed_ranks() {
 # ranks: DeepSpeed's runner and launcher die of USR1 and would lose the ranks' exit status.
 forward_stop() {
   echo "USR1: time limit near, asking job ${SLURM_JOB_ID}'s ranks to save and stop"
+  STOP_FORWARDED=1
   if [ "$STOP_VIA" = srun ]; then
     kill -USR1 "$CHILD" 2>/dev/null || true  # srun passes USR1 on to every task
   else
@@ -110,7 +111,7 @@ requeue() {
 # only between commands, so it runs in the background and the shell waits; a trap interrupts
 # `wait`, so wait again), then requeues on EXIT_REQUEUE or EXIT_HUNG.
 run_with_requeue() {
-  STOP_VIA=$1
+  STOP_VIA=$1 STOP_FORWARDED=
   shift
   echo "+ $*"
   if [ -n "${LAMDA_DRY_RUN:-}" ]; then return 0; fi
@@ -123,9 +124,13 @@ run_with_requeue() {
     kill -0 "$CHILD" 2>/dev/null || break
   done
   trap - USR1
-  case "$status" in
-    "$EXIT_REQUEUE") requeue "training saved a complete checkpoint and stopped on request" ;;
-    "$EXIT_HUNG") requeue "a rank hung (stacks in $LAMDA_RUN_DIR/stacks)" ;;
-  esac
+  # After USR1 the job requeues whatever the status: the time limit is near either way. (With
+  # srun, the first rank to exit 75 makes --kill-on-bad-exit kill the others, and srun then
+  # reports 128 + the signal, not 75; the checkpoint is complete before any rank exits.)
+  if [ "$status" = "$EXIT_REQUEUE" ] || { [ -n "${STOP_FORWARDED:-}" ] && [ "$status" != 0 ]; }; then
+    requeue "training saved a complete checkpoint and stopped on request (status $status)"
+  elif [ "$status" = "$EXIT_HUNG" ]; then
+    requeue "a rank hung (stacks in $LAMDA_RUN_DIR/stacks)"
+  fi
   return "$status"
 }
