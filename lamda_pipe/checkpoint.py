@@ -254,16 +254,18 @@ class Checkpointer:
 
     def __init__(self, ckpt_dir: Path, *, every: int, keep_last: int | None, global_batch: int,
                  record: RunRecord, tokenizer: Path, rank: int, barrier: Callable[[], None],
-                 log: Callable[[str], None] = print, weights_finite: Callable[[object], bool] | None = None):
+                 log: Callable[[str], None] = print, weights_finite: Callable[[object], bool] | None = None,
+                 progress: Callable[[], None] = lambda: None):
         """record: this run's record with its step fields unset; filled in at every save.
         weights_finite(engine): collective, the same answer on every rank; a save of weights it
-        rejects raises NonFiniteWeights before anything is written."""
+        rejects raises NonFiniteWeights before anything is written. progress: called after each
+        save phase (the hang watchdog's sign of life)."""
         self.dir = Path(ckpt_dir)
         self.every, self.keep_last = every, keep_last
         self.global_batch = global_batch
         self.record, self.tokenizer = record, tokenizer
         self.rank, self.barrier, self.log = rank, barrier, log
-        self.weights_finite = weights_finite
+        self.weights_finite, self.progress = weights_finite, progress
         self._start = (0, 0)  # (step, samples consumed) where this process started
         self._saved_at: int | None = None
 
@@ -325,12 +327,14 @@ class Checkpointer:
 
         if not dist.is_initialized():
             self.barrier()
-            return ok
-        from deepspeed.accelerator import get_accelerator
+        else:
+            from deepspeed.accelerator import get_accelerator
 
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=get_accelerator().current_device_name())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            flag = torch.tensor([int(ok)], dtype=torch.int32, device=get_accelerator().current_device_name())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        self.progress()  # a phase every rank finished
+        return ok
 
     def resumed_at(self, step: int, samples_consumed: int) -> None:
         """Where the loaded checkpoint left off: the data position, and a save that exists."""

@@ -9,8 +9,9 @@ At every step boundary all ranks agree through one tiny all-reduce (MAX) on a se
 a CPU tensor, so no accelerator sync: one rank that got the signal is enough. On agreement the
 loop saves a complete checkpoint and the process exits with EXIT_REQUEUE.
 
-Hang watchdog. A daemon thread checks once a second: no step boundary within --hang-timeout
-seconds (armed after the first step, so start-up and compilation do not count), or a stop
+Hang watchdog. A daemon thread checks once a second: no progress within --hang-timeout seconds
+(a step boundary, a save phase or a validation batch; armed after the first step, so start-up
+and compilation do not count), or a stop
 request not carried out within --stop-timeout seconds, dumps the stack of every thread to
 RUN_DIR/stacks/rank{R}.txt, prints one line naming the rank and its stage, and exits the process
 (EXIT_HUNG), so the launcher ends the job and a Slurm job is requeued.
@@ -130,6 +131,12 @@ class Watch:
     def beat(self, step: int, now: float) -> None:
         self.step, self.last_beat = step, now
 
+    def touch(self, now: float) -> None:
+        """Progress inside a step's aftermath (a save phase, a validation batch): the clock restarts
+        once armed, so a long save or validation is not a hang while each of its parts is bounded."""
+        if self.last_beat is not None:
+            self.last_beat = now
+
     def launcher_gone(self, getppid=os.getppid) -> bool:
         return (self.parent is not None and getppid() != self.parent) or not all(a.alive() for a in self.ancestors)
 
@@ -139,7 +146,7 @@ class Watch:
             return (f"stop requested ({stop_reason(self.stop_code)}) {now - self.stop_since:.0f}s ago but not "
                     f"carried out within --stop-timeout {self.stop_timeout:g}s")
         if self.last_beat is not None and now - self.last_beat > self.hang_timeout:
-            return (f"no step completed in {now - self.last_beat:.0f}s (--hang-timeout {self.hang_timeout:g}s; "
+            return (f"no progress in {now - self.last_beat:.0f}s (--hang-timeout {self.hang_timeout:g}s; "
                     f"last step {self.step})")
         return None
 
@@ -210,6 +217,11 @@ class Lifecycle:
             return  # stopping already: exiting with EXIT_REQUEUE
         with self._lock:
             self.watch.request_stop(signum, time.monotonic())
+
+    def progress(self) -> None:
+        """Called by the checkpointer after each save phase and the evaluator after each batch."""
+        with self._lock:
+            self.watch.touch(time.monotonic())
 
     # --- the loop's one call ---
     def should_stop(self, step: int) -> bool:

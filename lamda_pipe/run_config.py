@@ -70,9 +70,9 @@ class RunConfig:
     spike_window: int = _flag(10, "logged losses in the moving window of --spike-factor", type=int)
     max_rollbacks: int = _flag(3, "stop (exit status 3) after N rollbacks without a checkpoint past the failing step",
                                type=int)
-    hang_timeout: float = _flag(1800.0, "seconds without a completed step (after the first) before a rank dumps every "
-                                "thread's stack to RUN_DIR/stacks and ends the job; include the longest save or "
-                                "validation", type=float, metavar="S")
+    hang_timeout: float = _flag(1800.0, "seconds without progress (a step, a save phase, a validation batch; armed "
+                                "after the first step) before a rank dumps every thread's stack to RUN_DIR/stacks "
+                                "and ends the job", type=float, metavar="S")
     stop_timeout: float = _flag(300.0, "seconds a rank may take, after a stop request (SIGTERM, SIGINT, SIGUSR1 or its "
                                 "launcher gone), to reach the next step boundary and save before it exits without "
                                 "saving", type=float, metavar="S")

@@ -161,13 +161,13 @@ def train(plan: Plan) -> int:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     sources = plan.sources or demo_sources(run, cfg, rank, dist.barrier)
     engine = build_engine(plan, rank)
-    checkpointer = make_checkpointer(plan, sources, rank, dist.barrier)
+    lifecycle = start_lifecycle(plan, engine, rank)
+    checkpointer = make_checkpointer(plan, sources, rank, dist.barrier, lifecycle.progress)
     checkpointer.resume(engine, plan.resume)
-    train_stream, evaluator = data_streams(plan, sources, engine)
+    train_stream, evaluator = data_streams(plan, sources, engine, lifecycle.progress)
     train_iter = train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
     guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
     logger = make_logger(plan, engine, rank, dist.get_world_size())
-    lifecycle = start_lifecycle(plan, engine, rank)
     if rank == 0:
         describe_run(plan, sources, evaluator)
 
@@ -293,7 +293,7 @@ def build_engine(plan: Plan, rank: int):
     return engine
 
 
-def make_checkpointer(plan: Plan, sources, rank: int, barrier):
+def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress):
     from .checkpoint import Checkpointer
 
     run = plan.run
@@ -301,12 +301,12 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier):
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
-                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite)
+                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite, progress=progress)
 
 
-def data_streams(plan: Plan, sources, engine):
+def data_streams(plan: Plan, sources, engine, progress=lambda: None):
     """The training stream (batches from a data position: .iterate(slot_offset=...)) and the
-    evaluator over the val splits."""
+    evaluator over the val splits (progress: called after each validation batch)."""
     from .data.loader import MicroBatchStream
     from .evaluate import Evaluator
 
@@ -320,8 +320,7 @@ def data_streams(plan: Plan, sources, engine):
     train_stream = stream([s.tokens("train") for s in sources], True, [s.weight for s in sources])
     val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
                    if len(s.tokens("val")) > run.seq_len}
-    return (train_stream,
-            Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters))
+    return train_stream, Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters, progress=progress)
 
 
 def make_logger(plan: Plan, engine, rank: int, world_size: int):

@@ -176,7 +176,7 @@ def test_a_hung_rank_dumps_every_ranks_stacks_and_ends_the_job(jobs, tmp_path):
     text = job.output()
     assert job.runner.returncode == EXIT_HUNG, text
     assert job.last_logged_step() == 3
-    assert re.search(r"rank 1 \(pipeline stage 1\) on \S+: no step completed in \d+s \(--hang-timeout 4s; "
+    assert re.search(r"rank 1 \(pipeline stage 1\) on \S+: no progress in \d+s \(--hang-timeout 4s; "
                      r"last step 3\); stacks of every thread in \S+rank1.txt", text), text
     stacks = {r: (job.run_dir / "stacks" / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert "_hang_forever" in stacks[1]
@@ -193,7 +193,19 @@ def test_watch_is_armed_by_the_first_step_and_fires_after_the_hang_timeout():
     assert w.overdue(now=1e6) is None  # start-up, compilation: not armed yet
     w.beat(step=7, now=100)
     assert w.overdue(now=110) is None
-    assert "no step completed in 11s (--hang-timeout 10s; last step 7)" in w.overdue(now=111)
+    assert "no progress in 11s (--hang-timeout 10s; last step 7)" in w.overdue(now=111)
+
+
+@pytest.mark.unit
+def test_save_phases_and_validation_batches_count_as_progress_once_armed():
+    w = Watch(hang_timeout=10, stop_timeout=5)
+    w.touch(now=50)  # a resume's save phases before the first step do not arm the watch
+    assert w.last_beat is None and w.overdue(now=1e6) is None
+    w.beat(step=3, now=100)
+    for now in (108, 116, 124):  # a save or validation of 24 s in parts of 8 s: alive
+        w.touch(now)
+        assert w.overdue(now=now + 9) is None
+    assert "no progress in 11s (--hang-timeout 10s; last step 3)" in w.overdue(now=135)
 
 
 @pytest.mark.unit
