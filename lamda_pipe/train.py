@@ -142,10 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {plan.resume.note}", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     try:
-        return train(plan)
+        status = train(plan)
     except CheckpointError as e:  # a save that could not complete (full disk): every rank agrees and says so
         print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        status = EXIT_BAD_INPUT
+    close_process_groups()
+    return status
+
+
+def close_process_groups() -> None:
+    """Every rank ended together (finished, stopped on request, diverged, or a failed save): the
+    process groups are taken down here, not by the interpreter's exit, where the order in which
+    gloo's threads are destroyed is left to chance and can abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train(plan: Plan) -> int:
