@@ -5,6 +5,7 @@ the native trainer runs."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -32,33 +33,39 @@ def test_long_runs_without_whitespace_are_cut_into_bounded_pieces_for_training_o
     assert took < 10  # 0.01 s here; the uncapped trainer needs 2 s for 80k 'a's, 12-20 s for 160k
 
 
-def slow_training_input(path: Path) -> Path:
-    """~3.4 MB of random words: several seconds of native BPE training at 32000 tokens."""
+def random_words_text() -> str:
+    """~3.4 MB of random words: seconds of native BPE merging at 100000 tokens."""
     rng = random.Random(1)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 12)))
              for _ in range(200_000)]
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(2000)) for _ in range(200)))
-    return path
+    return "\n\n".join(" ".join(rng.choice(words) for _ in range(2000)) for _ in range(200))
 
 
 @pytest.mark.launch
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_tokenizer_training_promptly(tmp_path, sig, status):
-    text = slow_training_input(tmp_path / "words.txt")
+    # The input is a named pipe, so the test knows when the trainer has read it all: from the
+    # writer's close on, the trainer is merging in native code, whatever this machine's speed.
+    text = random_words_text()
+    fifo = tmp_path / "words.txt"
+    os.mkfifo(fifo)
     out = tmp_path / "tok.json"
-    proc = subprocess.Popen([sys.executable, "-m", "lamda_pipe.tools.train_tokenizer", "--input", str(text),
-                             "--out", str(out), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)  # imports and reading done: the native trainer is running (it runs ~5 s more)
-    assert proc.poll() is None, proc.communicate()
-    sent = time.perf_counter()
-    proc.send_signal(sig)
+    proc = subprocess.Popen([sys.executable, "-m", "lamda_pipe.tools.train_tokenizer", "--input", str(fifo),
+                             "--out", str(out), "--vocab-size", "100000", "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc.wait(timeout=20)
+        with open(fifo, "w") as writer:  # blocks until the tool opens it for reading
+            writer.write(text)
+        time.sleep(0.3)  # the last pipe buffer read, the merges under way
+        assert proc.poll() is None, proc.communicate()
+        sent = time.perf_counter()
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
     finally:
         proc.kill()
     reaction = time.perf_counter() - sent
     _, err = proc.communicate()
     assert proc.returncode == status, err
-    assert reaction < 1.5, f"took {reaction:.2f} s to stop"  # measured ~0.1 s; before: until training ended
+    # without the waiting thread the handler runs only when the merges end, seconds later
+    assert reaction < 1.5, f"took {reaction:.2f} s to stop"
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["words.txt"]
