@@ -66,7 +66,7 @@ def test_vocab_size_is_exact_when_the_text_allows(tok, corpus_docs):
 
 @pytest.mark.unit
 def test_invalid_training_input():
-    with pytest.raises(DataError, match=r"--vocab-size 200 is too small.*>= 260"):
+    with pytest.raises(DataError, match=r"--vocab-size 200 is too small.*>= 268"):
         train_tokenizer(["some text"], vocab_size=200)
     with pytest.raises(DataError, match=r"no documents to train the tokenizer on"):
         train_tokenizer(iter([]), vocab_size=300)

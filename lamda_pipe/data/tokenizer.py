@@ -26,7 +26,15 @@ from ..errors import DataError
 EOT = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
-SPECIAL_TOKENS = [EOT, PAD, UNK]
+# Dialog tokens (data/dialog.py has the layouts): the end of a context turn, the sentinel before a
+# response, an attribute's name before its rating, and the two ratings.
+TURN = "<|turn|>"
+RESPONSE = "<|response|>"
+ATTRIBUTES = ("sensible", "specific", "interesting", "safe")
+ATTRIBUTE_TOKENS = {a: f"<|{a}|>" for a in ATTRIBUTES}
+YES, NO = "<|yes|>", "<|no|>"
+DIALOG_TOKENS = [TURN, RESPONSE, *ATTRIBUTE_TOKENS.values(), YES, NO]
+SPECIAL_TOKENS = [EOT, PAD, UNK, *DIALOG_TOKENS]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 MIN_VOCAB_SIZE = len(BYTE_TOKENS) + len(SPECIAL_TOKENS) + 1
 MAX_ALPHABET = 1000  # characters kept as base symbols; rarer ones fall back to bytes (as HF's SentencePieceBPE)
