@@ -119,6 +119,34 @@ class DataSource:
         return np.memmap(self.directory / info["file"], dtype=self.meta["dtype"], mode="r",
                          shape=(info["tokens"],))
 
+    @property
+    def kind(self) -> str:
+        """"text" or "dialog" (prepare_dialog.py); dirs without the key predate it and hold text."""
+        return self.meta.get("kind", "text")
+
+    @property
+    def attributes(self) -> list[str]:
+        """The attributes rated in the train split (dialog dirs; [] for text)."""
+        return list(self.meta.get("attributes", []))
+
+    def mask(self, split: str) -> np.ndarray:
+        """uint8 per token of tokens(split): 1 where the token is a training target."""
+        info = self._dialog_split(split, "mask")
+        if info["tokens"] == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return np.memmap(self.directory / info["mask"], dtype=np.uint8, mode="r", shape=(info["tokens"],))
+
+    def example_offsets(self, split: str) -> np.ndarray:
+        """int64, examples + 1 entries: example e is tokens(split)[offsets[e]:offsets[e + 1]]."""
+        info = self._dialog_split(split, "example offsets")
+        return np.memmap(self.directory / info["index"], dtype="<i8", mode="r", shape=(info["examples"] + 1,))
+
+    def _dialog_split(self, split: str, what: str) -> dict:
+        if self.kind != "dialog":
+            raise DataError(f"{self.directory} holds plain text, which has no {what}; prepare dialog data with "
+                            f"`lamda-prepare-data --format dialog`")
+        return self.meta["splits"][split]
+
 
 def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSource]:
     """Opens and checks every dir of a --data spec; refuses, one line each, what cannot train."""

@@ -6,6 +6,9 @@ tokenizer as tokenizer.json, and meta.json (schema: `prepare_data`). It is built
 OUT.tmp-<pid> and renamed into place with meta.json already written, so a dir named OUT that
 has a meta.json is complete; an interrupted run leaves at most an OUT.tmp-<pid>.
 
+Dialog dirs (meta.json "kind": "dialog", written by prepare_dialog.py) add a loss mask and an
+example index per split; a dir without "kind" holds plain text.
+
 Document i (0-based, in input order) goes to validation when `is_val_document(i, f)`: a
 multiplicative (Fibonacci) hash of i+1 below f, which spreads validation documents evenly
 through the input. If that picks none, f > 0 and there are >= 2 documents, the last document
@@ -97,6 +100,25 @@ def prepare_data(docs: Iterable[str], tokenizer_path: str | Path, out_dir: str |
     dtype = token_dtype(vocab)
     sha = tokenizer_sha256(tok)
 
+    def fill(tmp: Path) -> dict:
+        counts = _write_splits(docs, tok, tmp / "tokenizer.json", sha, eot, dtype, tmp, val_fraction, workers,
+                               batch_docs, progress)
+        return {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "tokenizer_sha256": sha,
+                "eot_id": eot, "source": source, "val_fraction": float(val_fraction),
+                "splits": {name: {"file": f"{name}.bin", **counts[name]} for name in SPLITS}, "created": now()}
+
+    return build_data_dir(tokenizer_path, out, force, fill)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_data_dir(tokenizer_path: str | Path, out_dir: str | Path, force: bool, fill) -> dict:
+    """The crash-safe protocol of every prepared dir (text or dialog): fill(tmp) writes the data
+    files into OUT.tmp-<pid>, which already holds tokenizer.json, and returns meta.json's dict;
+    meta.json is written last and the dir renamed into place. Returns the meta."""
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(out)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
@@ -106,12 +128,7 @@ def prepare_data(docs: Iterable[str], tokenizer_path: str | Path, out_dir: str |
     try:
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        counts = _write_splits(docs, tok, tmp / "tokenizer.json", sha, eot, dtype, tmp, val_fraction, workers,
-                               batch_docs, progress)
-        meta = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "tokenizer_sha256": sha,
-                "eot_id": eot, "source": source, "val_fraction": float(val_fraction),
-                "splits": {name: {"file": f"{name}.bin", **counts[name]} for name in SPLITS},
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        meta = fill(tmp)
         (tmp / OWNER_FILE).unlink()
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1).encode() + b"\n")  # last: marks it complete
         _move_into_place(tmp, out, force)
@@ -322,4 +339,12 @@ def read_meta(data_dir: str | Path) -> dict:
         if size != want:
             raise DataError(f"{path} holds {size} bytes, but meta.json says {info['tokens']} tokens x {itemsize} = "
                             f"{want} bytes (truncated or modified); {fix} again")
+    kind = meta.get("kind", "text")  # dirs written before dialog data have no "kind": text
+    if kind == "dialog":
+        from .prepare_dialog import check_dialog_files
+
+        check_dialog_files(d, meta, f"{fix} --format dialog again")
+    elif kind != "text":
+        raise DataError(f"{meta_path}: kind {kind!r}, expected 'text' or 'dialog' (written by another version?); "
+                        f"{fix} again")
     return meta

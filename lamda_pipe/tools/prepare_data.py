@@ -3,6 +3,11 @@ tokenizer.json) for `ds_train.py --data DIR`.
 
     lamda-prepare-data --input docs/*.txt --tokenizer tokenizer.json --out data/docs --val-fraction 0.02
     lamda-prepare-data --dataset EleutherAI/pile --streaming --tokenizer pile-32k.json --out data/pile
+    lamda-prepare-data --format dialog --input dialogs.jsonl --tokenizer tokenizer.json --out data/dialogs
+
+--format dialog reads dialog files (JSON lines, lamda_pipe/data/dialog.py) into a dialog dir
+(lamda_pipe/data/prepare_dialog.py). The format is never guessed: a text JSONL file with a
+"turns" field would otherwise train on the wrong thing without a word.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ def parse_args(argv):
     add_source_args(p)
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json (needs an <|endoftext|> token)")
     p.add_argument("--out", type=Path, required=True, help="the data dir to write")
+    p.add_argument("--format", choices=("text", "dialog"), default="text",
+                   help="text: documents (default); dialog: dialog files, JSON lines (lamda_pipe/data/dialog.py)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
     p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
-    p.add_argument("--batch-docs", type=int, default=1000, help="documents per task (default 1000; a task also ends at 1 MiB of text)")
+    p.add_argument("--batch-docs", type=int, default=None,
+                   help="documents per task (default 1000; a task also ends at 1 MiB of text)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds prepared data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -35,11 +43,15 @@ def _run(argv) -> int:
     args = parse_args(argv)
     if not 0 <= args.val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.format == "dialog":
+        return _run_dialog(args)
+    args.batch_docs = 1000 if args.batch_docs is None else args.batch_docs
     if (args.workers is not None and args.workers < 1) or args.batch_docs < 1:
         raise DataError("--workers and --batch-docs must be >= 1")
     eot_id(load_tokenizer(args.tokenizer), f"--tokenizer {args.tokenizer}")
     check_output(args.out, args.force)
     kwargs = source_kwargs(args)
+    _refuse_dialog_files(kwargs["inputs"], kwargs["text_field"])
     docs = iter_documents(**kwargs)  # checks the input before any tokenizing
     source = describe_source(kwargs["inputs"], kwargs["dataset"], kwargs["config"], kwargs["split"],
                              kwargs["text_field"])
@@ -55,6 +67,70 @@ def _run(argv) -> int:
     print(f"wrote {args.out} ({meta['dtype']}, vocab size {meta['vocab_size']}, tokenizer sha256 "
           f"{meta['tokenizer_sha256'][:16]}...)")
     return 0
+
+
+# what only plain text reads: (flag, whether it was given)
+TEXT_ONLY = {"--dataset": lambda a: a.dataset is not None, "--config": lambda a: a.config is not None,
+             "--split": lambda a: a.split is not None, "--streaming": lambda a: a.streaming,
+             "--text-field": lambda a: a.text_field != "text", "--max-docs": lambda a: a.max_docs is not None,
+             "--max-bytes": lambda a: a.max_bytes is not None, "--workers": lambda a: a.workers is not None,
+             "--batch-docs": lambda a: a.batch_docs is not None}
+
+
+def _run_dialog(args) -> int:
+    from ..data.dialog import DialogTokens, read_dialog_files
+    from ..data.prepare import check_output
+    from ..data.prepare_dialog import prepare_dialog_data
+    from ..data.text_sources import JSONL, resolve_inputs
+    from ..data.tokenizer import eot_id, load_tokenizer
+
+    given = [flag for flag, used in TEXT_ONLY.items() if used(args)]
+    if given:
+        raise DataError(f"{given[0]} applies to --format text only; dialog data is read from --input files, "
+                        f"whole, in one process: drop {given[0]}")
+    tok = load_tokenizer(args.tokenizer)
+    eot_id(tok, f"--tokenizer {args.tokenizer}")
+    DialogTokens.of(tok, f"--tokenizer {args.tokenizer}")
+    check_output(args.out, args.force)
+    files = resolve_inputs(args.input)
+    for path, kind in files:
+        if kind != JSONL:
+            raise DataError(f"--input {path}: a dialog file is JSON lines (.jsonl / .json, optionally .gz), one "
+                            f"dialog per line; convert it, or drop --format dialog for plain text")
+    dialogs = read_dialog_files(p for p, _ in files)  # every file checked before anything is written
+    meta = prepare_dialog_data(dialogs, args.tokenizer, args.out, val_fraction=args.val_fraction, force=args.force,
+                               source=_dialog_source(args.input),
+                               progress=not args.no_progress)
+    for name in ("train", "val"):
+        s = meta["splits"][name]
+        print(f"{name}: {s['tokens']:,} tokens in {s['examples']:,} examples ({s['generative']:,} generative, "
+              f"{s['discriminative']:,} discriminative) from {s['documents']:,} dialogs")
+    print(f"wrote {args.out} (dialog data, {meta['dtype']}, attributes {', '.join(meta['attributes']) or 'none'}, "
+          f"tokenizer sha256 {meta['tokenizer_sha256'][:16]}...)")
+    return 0
+
+
+def _dialog_source(inputs) -> str:
+    names = [str(p) for p in inputs]
+    return "dialog files " + ", ".join(names[:8]) + (f", ... ({len(names)} inputs)" if len(names) > 8 else "")
+
+
+def _refuse_dialog_files(inputs, text_field: str) -> None:
+    """A dialog file given as text would train on nothing (no "text" field) or on the wrong thing."""
+    import json
+
+    from ..data.text_sources import JSONL, _first_json_object, resolve_inputs
+
+    for path, kind in resolve_inputs(inputs or []):
+        if kind != JSONL:
+            continue
+        try:
+            first = _first_json_object(path)
+        except (DataError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # iter_documents names these
+        if isinstance(first, dict) and "turns" in first and text_field not in first:
+            raise DataError(f"--input {path} holds dialogs (its first record has \"turns\", no {text_field!r}); "
+                            f"pass --format dialog")
 
 
 def main(argv=None) -> int:
