@@ -91,12 +91,17 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def decode(self, prompt: torch.Tensor, seq_len: int, top_k: int = 40, temperature: float = 1.0,
                eos_token: int | None = None, *, use_cache: bool = True,
-               generator: torch.Generator | None = None, keep_logits: bool = False) -> Decoded:
+               generator: torch.Generator | None = None, keep_logits: bool = False,
+               cache_out: list | None = None) -> Decoded:
         """Samples up to seq_len tokens after prompt (B, T); stops early once every row has its eos.
 
         use_cache: feed one token per step through LaMDA's KV cache (see the module docstring for
         contexts beyond max_seq_len); a net other than LaMDA (the seed contract: net(tokens) ->
         logits) is always run over the whole context.
+        cache_out: a list that receives the KV cache at the end (one dict per block), so that
+        scoring (ranking.py) can go on from it. It holds the prompt and every new token but the
+        last (which was sampled, never fed); after a row's eos it holds that row's padding. Left
+        empty when decoding ran without a cache.
         """
         if temperature <= 0:
             raise ValueError("temperature must be > 0; use top_k=1 for greedy decoding")
@@ -133,6 +138,8 @@ class AutoregressiveWrapper(nn.Module):
                         break
         finally:
             self.net.train(was_training)
+        if cache_out is not None and caches is not None:
+            cache_out[:] = caches
         new = out[:, prompt.shape[1]:]
         if not alive:  # seq_len 0
             return Decoded(new, new.float(), new.new_zeros(b), [] if keep_logits else None)
