@@ -31,6 +31,13 @@ The kernels and their selection rules are one table, ``attention_kernels.KERNELS
 
 Every kernel computes the same function; the choice changes speed and memory only. How the
 kernels avoid scattering T^2 gradients into the bias table is in ``attention_kernels.py``.
+
+Document masking (packed fine-tuning sequences): ``Attention.forward(..., doc_ids=...)``, a
+(B, T) integer per position, equal within one example; a query attends to key k only if k is
+not in its future and has the same id. The bias depends on q - k alone, so every example of a
+packed sequence gets exactly the outputs it would get alone. Every kernel takes it (sdpa and
+cpu_flash as -inf in their additive mask, flex in its block mask); doc_ids=None is the plain
+causal call, unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from .attention_kernels import (  # noqa: F401  (FLEX_MIN_SEQ_LEN, ATTENTION_CHO
     FLEX_MIN_SEQ_LEN,
     causal,
     causal_bias,
+    causal_same_doc,
     check_attention_name,
     get_kernel,
     select_kernel,
@@ -124,8 +132,16 @@ class PositionCache:
         """(T,) bucket of each distance n = q - k = 0 .. T-1: column 0 of the (T, T) buckets."""
         return self.get(seq_len, seq_len, device)[0][:, 0]
 
-    def get_flex(self, seq_len: int, device: torch.device) -> tuple:
-        """Returns (bucket of each distance n = 0 .. T-1, (T,) long; causal BlockMask)."""
+    def get_flex(self, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None = None) -> tuple:
+        """Returns (bucket of each distance n = 0 .. T-1, (T,) long; causal BlockMask).
+
+        With doc_ids (B, T) the BlockMask is also per document, built for this call (not
+        cached: the documents change with every batch)."""
+        if doc_ids is not None:
+            from torch.nn.attention.flex_attention import create_block_mask
+            return (self.distance_buckets(seq_len, device),
+                    create_block_mask(causal_same_doc(doc_ids), doc_ids.shape[0], None, seq_len, seq_len,
+                                      device=device))
         key = (seq_len, str(device))
         hit = self._flex.get(key)
         if hit is None:
@@ -149,6 +165,17 @@ class PositionCache:
                    torch.ones(1, n, dtype=torch.bool, device=device))  # every key is in the past
             self._rows[str(device)] = row
         return row[0][:, -k_len:], row[1][:, -k_len:]  # (1, Tk) views
+
+
+def check_doc_ids(doc_ids: torch.Tensor, x: torch.Tensor, kv_cache: dict | None) -> None:
+    """Refuses doc_ids that cannot mean one document per position of x (B, T, dim)."""
+    if kv_cache is not None:
+        raise ValueError("doc_ids with a KV cache: document masking is for full sequences; "
+                         "decode each example on its own")
+    if doc_ids.shape != x.shape[:2] or doc_ids.is_floating_point() or doc_ids.is_complex() \
+            or doc_ids.dtype == torch.bool or doc_ids.device != x.device:
+        raise ValueError(f"doc_ids must be a (B, T) = {tuple(x.shape[:2])} integer tensor on {x.device}, "
+                         f"got {tuple(doc_ids.shape)} {doc_ids.dtype} on {doc_ids.device}")
 
 
 class RelativePositionBias(nn.Module):
@@ -178,25 +205,29 @@ class Attention(nn.Module):
         self._kernel_cache: dict = {}  # the kernels' per-layer cache (cpu_flash: its bias matrix); not state
 
     def forward(self, x: torch.Tensor, positions: PositionCache, setting: AttentionSetting,
-                kv_cache: dict | None = None) -> torch.Tensor:
+                kv_cache: dict | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim). doc_ids: None, or (B, T) integers, one value per packed example: a
+        query then attends only to earlier keys with its own value (full sequences only)."""
         t = x.shape[1]
+        if doc_ids is not None:
+            check_doc_ids(doc_ids, x, kv_cache)
         k_len = t + (kv_cache["k"].shape[2] if kv_cache is not None and "k" in kv_cache else 0)
         dropout = self.dropout if self.training else 0.0
         kernel = get_kernel(select_kernel(setting.kernel, x.device, t, k_len, dropout > 0,
-                                          max_distance=positions.max_distance))
+                                          max_distance=positions.max_distance, doc_masked=doc_ids is not None))
         if torch.compiler.is_compiling() and not kernel.compilable:
             # Inside torch.compile the sdpa paths run eagerly: with their custom autograd
             # functions traced, inductor crashed (CPU, torch 2.13: munmap_chunk, corrupted view
             # metadata). The rest of the block stays compiled; flex is traced as is.
-            return self._forward_eager(x, positions, setting, kv_cache, kernel.run, dropout)
-        return self._forward(x, positions, setting, kv_cache, kernel.run, dropout)
+            return self._forward_eager(x, positions, setting, kv_cache, kernel.run, dropout, doc_ids)
+        return self._forward(x, positions, setting, kv_cache, kernel.run, dropout, doc_ids)
 
     @torch.compiler.disable
-    def _forward_eager(self, x, positions, setting, kv_cache, run, dropout):
-        return self._forward(x, positions, setting, kv_cache, run, dropout)
+    def _forward_eager(self, x, positions, setting, kv_cache, run, dropout, doc_ids):
+        return self._forward(x, positions, setting, kv_cache, run, dropout, doc_ids)
 
     def _forward(self, x: torch.Tensor, positions: PositionCache, setting: AttentionSetting,
-                 kv_cache: dict | None, run, dropout: float) -> torch.Tensor:
+                 kv_cache: dict | None, run, dropout: float, doc_ids: torch.Tensor | None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if kv_cache is not None:  # decoding: append this step's keys and values
             if "k" in kv_cache:
@@ -204,5 +235,5 @@ class Attention(nn.Module):
                 v = torch.cat([kv_cache["v"], v], dim=2)
             kv_cache["k"], kv_cache["v"] = k, v
         y = run(q, k, v, self.rel_bias.weight, positions, dropout=dropout, layer_cache=self._kernel_cache,
-                options=setting.flex_options)  # (B, H, T, D)
+                options=setting.flex_options, doc_ids=doc_ids)  # (B, H, T, D)
         return self.out(rearrange(y, "b h t d -> b t (h d)"))

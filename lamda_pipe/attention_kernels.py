@@ -17,8 +17,9 @@ math one when the bias requires grad. ``_BandBiasGrad`` computes it instead from
 max_distance (``band_bias_grad``), exact because every softmax-gradient row sums to zero.
 
 The table (``KERNELS``, at the end) gives every kernel one call signature
-``run(q, k, v, table, positions, *, dropout, layer_cache, options)`` and one selection rule;
-``select_kernel`` walks it in order and returns the first kernel whose rule takes the call.
+``run(q, k, v, table, positions, *, dropout, layer_cache, options, doc_ids=None)`` and one
+selection rule; ``select_kernel`` walks it in order and returns the first kernel whose rule
+takes the call. doc_ids (document masking, lamda_pipe/attention.py) reaches every kernel.
 Adding a kernel: one function with that signature, one ``Kernel`` entry, one rule.
 """
 
@@ -46,6 +47,19 @@ def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
+def causal_same_doc(doc_ids: torch.Tensor):
+    """FlexAttention mask_mod: causal, and query and key in the same document (doc_ids (B, T))."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    return mask_mod
+
+
+def same_doc(doc_ids: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Tq, Tk) bool, True where query and key are in the same document; doc_ids (B, Tk),
+    the queries are its last q_len positions."""
+    return doc_ids[:, -q_len:, None] == doc_ids[:, None, :]
+
+
 @functools.cache
 def _compiled_flex_attention():
     """flex_attention compiled once per process (Triton kernels on CUDA); eager flex attention
@@ -56,12 +70,14 @@ def _compiled_flex_attention():
 
 def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                           distance_buckets: torch.Tensor, block_mask, kernel_options: dict | None = None,
-                          window: int = 128) -> torch.Tensor:
+                          window: int = 128, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d) + table[bucket(q - k), h]) v with FlexAttention.
 
     q, k, v: (B, H, T, D); table: (NB, H); distance_buckets: (T,), the bucket of distance n.
     Distances >= window must all share one bucket (window = max_distance does).
     kernel_options: Triton tiles; None takes FLEX_KERNEL_OPTIONS_16BIT for bf16/fp16 on CUDA.
+    doc_ids: (B, T) or None; given, block_mask must be causal_same_doc's (the table's gradient
+    then leaves out pairs in different documents).
 
     The table's gradient does not come from flex's own backward: that one adds every score's
     gradient atomically into the (H, T) bias it read (H * T^2 atomics into H * T addresses, the
@@ -95,7 +111,7 @@ def flex_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
                         return_lse=True)
     if table.requires_grad and torch.is_grad_enabled():
         out = _BandBiasGrad.apply(out, q.detach(), k.detach(), v.detach(), lse.detach(), table,
-                                  distance_buckets, window)
+                                  distance_buckets, window, doc_ids)
     return out
 
 
@@ -130,7 +146,8 @@ def causal_bias_matrix(by_distance: torch.Tensor, window: int,
 
 
 def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-                               distance_buckets: torch.Tensor, window: int, cache: dict | None = None) -> torch.Tensor:
+                               distance_buckets: torch.Tensor, window: int, cache: dict | None = None,
+                               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The sdpa path on CPU for full sequences without attention dropout.
 
     With a bias that requires grad, CPU SDPA leaves its flash kernel for the math one, which
@@ -144,6 +161,9 @@ def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     layer and step is mostly page faults. Micro-batches of one step all reuse it untouched, so
     a graph that saved it never sees it change before its backward. Measurements: docs/
     benchmarks.md, "Single-process train step on CPU".
+
+    doc_ids (B, T): the kept matrix with -inf between documents, a fresh (B, H, T, T) per call
+    (the flash kernel takes one additive mask); the shift is still one constant per row.
     """
     h, t = q.shape[1], q.shape[2]
     by_distance = table.detach().t()[:, distance_buckets].to(q.dtype)  # (H, T)
@@ -155,16 +175,20 @@ def cpu_flash_biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         bias, shift = causal_bias_matrix(by_distance, window, out=None if hit is None else hit[0])
         if cache is not None:
             cache[key] = (bias, by_distance, shift)
+    mask = bias.unsqueeze(0)  # (1, H, T, T)
+    if doc_ids is not None:
+        mask = torch.where(same_doc(doc_ids, t)[:, None], mask, float("-inf"))  # (B, H, T, T)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, True, attn_mask=bias.unsqueeze(0))[:2]
+        q, k, v, 0.0, True, attn_mask=mask)[:2]
     if table.requires_grad and torch.is_grad_enabled():
         lse = lse + shift[:, None].to(lse.dtype)  # the logsumexp of the unshifted scores
         out = _BandBiasGrad.apply(out, q.detach(), k.detach(), v.detach(), lse.detach(), table,
-                                  distance_buckets, window)
+                                  distance_buckets, window, doc_ids)
     return out
 
 
-def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int, block: int = 64) -> torch.Tensor:
+def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int, block: int = 64,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the score gradients dS over all (b, q, k) at each distance n = q - k, fp32 (or
     float64 for float64 inputs), for causal attention with a distance bias, from a band only.
 
@@ -173,6 +197,8 @@ def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int, block
     window + block keys before and at it (a strided view): O(T * (window + block)) work instead
     of the O(T^2) of the full scores (block 64: the fastest of 16..128 on CPU). Every row of dS
     sums to zero (softmax), so all distances >= window together sum to minus the band's total.
+    doc_ids (B, T): pairs in different documents are left out of the band; the far total stays
+    exact, since their P = 0 makes their dS = 0, so each row's allowed dS still sum to zero.
 
     Returns (H, T) for T <= window, else (H, window + 1): entry `window` is the far total (the
     far distances share one bucket).
@@ -196,6 +222,10 @@ def band_bias_grad(q, k, v, out, dout, lse, bias_by_distance, window: int, block
     q_pos = blk[:, None] * s + a[None, :]  # (nb, S)
     k_pos = blk[:, None] * s - w + c[None, :]  # (nb, W+S)
     valid = (n >= 0) & (n < w) & (q_pos[:, :, None] < t) & (k_pos[:, None, :] >= 0)  # (nb, S, W+S)
+    if doc_ids is not None:  # the padding's ids never count: valid is False there
+        doc_q = F.pad(doc_ids, (0, pad)).view(b, nb, s)[:, None, :, :, None]  # (B, 1, nb, S, 1)
+        doc_k = F.pad(doc_ids, (w, pad)).unfold(1, w + s, s)[:, None, :, None, :]  # (B, 1, nb, 1, W+S)
+        valid = valid & (doc_q == doc_k)  # (B, 1, nb, S, W+S)
     scores = query_blocks(q) @ key_windows(k) * d ** -0.5 + bias_by_distance.to(acc)[:, n.clamp(0, t - 1)][:, None]
     lse_b = F.pad(lse.to(acc), (0, pad)).view(b, h, nb, s)
     delta = F.pad((dout.to(acc) * out.to(acc)).sum(-1), (0, pad)).view(b, h, nb, s)
@@ -212,24 +242,24 @@ class _BandBiasGrad(torch.autograd.Function):
     while dout flows on unchanged into flex's own backward for q, k and v."""
 
     @staticmethod
-    def forward(ctx, out, q, k, v, lse, table, distance_buckets, window):
-        ctx.save_for_backward(out, q, k, v, lse, table, distance_buckets)
+    def forward(ctx, out, q, k, v, lse, table, distance_buckets, window, doc_ids=None):
+        ctx.save_for_backward(out, q, k, v, lse, table, distance_buckets, doc_ids)
         ctx.window = window
         return out.clone()
 
     @staticmethod
     def backward(ctx, dout):
-        out, q, k, v, lse, table, distance_buckets = ctx.saved_tensors
+        out, q, k, v, lse, table, distance_buckets, doc_ids = ctx.saved_tensors
         t, w = q.shape[2], ctx.window
         with torch.no_grad():
             bias = table.t()[:, distance_buckets]
-            sums = band_bias_grad(q, k, v, out, dout, lse, bias, w)  # (H, min(T, W) [+ 1])
+            sums = band_bias_grad(q, k, v, out, dout, lse, bias, w, doc_ids=doc_ids)  # (H, min(T, W) [+ 1])
             grad = torch.zeros(table.shape, device=table.device, dtype=sums.dtype)
             idx = distance_buckets[:min(t, w)]
             if t > w:
                 idx = torch.cat([idx, distance_buckets[w:w + 1]])
             grad.index_add_(0, idx, sums.t())
-        return dout, None, None, None, None, grad.to(table.dtype), None, None
+        return dout, None, None, None, None, grad.to(table.dtype), None, None, None
 
 
 class _CausalBias(torch.autograd.Function):
@@ -280,37 +310,41 @@ def causal_bias(table: torch.Tensor, buckets: torch.Tensor, causal: torch.Tensor
 
 # ---------------------------------------------------------------------------------------------
 # The kernel table. Every kernel runs as
-#   run(q, k, v, table, positions, *, dropout, layer_cache, options) -> (B, H, Tq, D)
+#   run(q, k, v, table, positions, *, dropout, layer_cache, options, doc_ids=None) -> (B, H, Tq, D)
 # q (B, H, Tq, D), k/v (B, H, Tk, D); table (NB, H), the layer's bias weights; positions, the
 # model's lamda_pipe.attention.PositionCache; dropout, the attention dropout probability;
 # layer_cache, a dict the calling layer keeps for the kernel; options, the model's kernel
-# tuning options (AttentionSetting.flex_options), None for the defaults.
+# tuning options (AttentionSetting.flex_options), None for the defaults; doc_ids, None or the
+# (B, Tk) document of each key (queries: the last Tq), attention only within a document.
 # ---------------------------------------------------------------------------------------------
 
 FLEX_MIN_SEQ_LEN = 2048  # "auto" takes flex from here on (docs/benchmarks.md, "One GPU: attention kernels")
 
 
-def _run_flex(q, k, v, table, positions, *, dropout, layer_cache, options):
-    distance_buckets, block_mask = positions.get_flex(q.shape[2], q.device)
+def _run_flex(q, k, v, table, positions, *, dropout, layer_cache, options, doc_ids=None):
+    distance_buckets, block_mask = positions.get_flex(q.shape[2], q.device, doc_ids)
     return flex_biased_attention(q, k, v, table, distance_buckets, block_mask, options,
-                                 window=positions.max_distance)
+                                 window=positions.max_distance, doc_ids=doc_ids)
 
 
-def _run_cpu_flash(q, k, v, table, positions, *, dropout, layer_cache, options):
+def _run_cpu_flash(q, k, v, table, positions, *, dropout, layer_cache, options, doc_ids=None):
     return cpu_flash_biased_attention(q, k, v, table, positions.distance_buckets(q.shape[2], q.device),
-                                      window=positions.max_distance, cache=layer_cache)
+                                      window=positions.max_distance, cache=layer_cache, doc_ids=doc_ids)
 
 
-def sdpa_biased_attention(q, k, v, table, positions, *, dropout, layer_cache, options):
+def sdpa_biased_attention(q, k, v, table, positions, *, dropout, layer_cache, options, doc_ids=None):
     idx, causal_mask = positions.get(q.shape[2], k.shape[2], q.device)
     mask = causal_bias(table, idx, causal_mask, q.dtype)  # (1, H, Tq, Tk) bias + causal mask
+    if doc_ids is not None:  # masked entries get P = 0, hence no gradient into the table
+        mask = torch.where(same_doc(doc_ids, q.shape[2])[:, None], mask, float("-inf"))  # (B, H, Tq, Tk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
-# Selection rules: rule(asked, device, q_len, k_len, dropout_active, max_distance) -> whether
-# this kernel takes the call. select_kernel tries them in table order; sdpa takes every call.
+# Selection rules: rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked)
+# -> whether this kernel takes the call (doc_masked: doc_ids given). select_kernel tries them
+# in table order; sdpa takes every call.
 
-def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked) -> bool:
     if q_len != k_len:
         return False  # KV-cache decoding: flex has no Tq < Tk path here
     if asked == "flex":
@@ -322,15 +356,16 @@ def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> boo
     return asked == "auto" and device.type == "cuda" and not dropout_active and q_len >= FLEX_MIN_SEQ_LEN
 
 
-def _cpu_flash_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+def _cpu_flash_rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked) -> bool:
     if not (device.type == "cpu" and q_len == k_len and not dropout_active and HAS_CPU_FLASH):
         return False  # where it cannot run, every choice (cpu_flash included) falls to sdpa
     # Below 2 x max_distance the band gradient costs about as much as causal attention itself
     # and the masked sdpa path is faster (docs/benchmarks.md, "Single-process train step on CPU").
+    # A doc mask (doc_masked) adds the same (B, H, T, T) mask to both paths: the same rule.
     return asked == "cpu_flash" or q_len > 2 * max_distance
 
 
-def _sdpa_rule(asked, device, q_len, k_len, dropout_active, max_distance) -> bool:
+def _sdpa_rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked) -> bool:
     return True  # the universal fallback
 
 
@@ -356,16 +391,17 @@ def check_attention_name(name: str) -> str:
 
 
 def select_kernel(asked: str, device: torch.device, q_len: int, k_len: int, dropout_active: bool, *,
-                  max_distance: int) -> str:
+                  max_distance: int, doc_masked: bool = False) -> str:
     """The kernel (a name in KERNELS) that runs a call, given the kernel asked for (one of
     ATTENTION_CHOICES): the first in KERNELS whose rule takes it.
 
     q_len < k_len is decoding with a KV cache. max_distance (the model's) sets where cpu_flash
-    starts to pay off. Raises ValueError for an unknown name and for flex asked with dropout.
+    starts to pay off. doc_masked: the call has doc_ids (attention within documents only).
+    Raises ValueError for an unknown name and for flex asked with dropout.
     """
     check_attention_name(asked)
     for kernel in KERNELS:
-        if kernel.rule(asked, device, q_len, k_len, dropout_active, max_distance):
+        if kernel.rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked):
             return kernel.name
     raise AssertionError("unreachable: the sdpa rule takes every call")
 

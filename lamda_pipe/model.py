@@ -63,8 +63,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, positions: PositionCache, setting: AttentionSetting,
-                kv_cache: dict | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), positions, setting, kv_cache))
+                kv_cache: dict | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_ids: None, or (B, T) integers (one per packed example): attention stays within
+        an example (Attention.forward)."""
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, setting, kv_cache, doc_ids))
         return x + self.drop(self.ff(self.ff_norm(x)))
 
 
@@ -126,10 +128,13 @@ class LaMDA(nn.Module):
         """Switches every layer to the attention kernel `name` (one of ATTENTION_CHOICES)."""
         self.attention = AttentionSetting(name, self.attention.flex_options)
 
-    def forward(self, tokens: torch.Tensor, kv_caches: list[dict] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, kv_caches: list[dict] | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_ids: None, or (B, T) integers, equal within each example packed into `tokens`:
+        each example's logits are then those it gets alone."""
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.positions, self.attention, None if kv_caches is None else kv_caches[i])
+            x = block(x, self.positions, self.attention, None if kv_caches is None else kv_caches[i], doc_ids)
         return self.embed.logits(self.norm(x))  # tied head
 
     @classmethod

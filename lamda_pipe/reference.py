@@ -27,10 +27,18 @@ def naive_bias(table: torch.Tensor, q_len: int, k_len: int, num_buckets: int, ma
     return table[idx].permute(2, 0, 1)
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + bias, causal) V for q (B, H, Tq, D), k/v (B, H, Tk, D), bias (H, Tq, Tk)."""
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                    doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + bias, causal) V for q (B, H, Tq, D), k/v (B, H, Tk, D), bias (H, Tq, Tk).
+
+    doc_ids (B, Tk), the document of each key position (queries: the last Tq): a query sees a
+    key only if both have the same document."""
     tq, tk = q.shape[-2], k.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
     allowed = torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
+    if doc_ids is not None:
+        docs = doc_ids.tolist()
+        same = torch.tensor([[[row[tk - tq + i] == row[j] for j in range(tk)] for i in range(tq)] for row in docs])
+        allowed = allowed & same[:, None]  # (B, 1, Tq, Tk)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(dim=-1) @ v
