@@ -246,13 +246,15 @@ def _json_object(line: str, where: str) -> dict:
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); {_FORMAT}") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: a JSON {_kind(obj)}, not an object; {_FORMAT}")
+        raise DataError(f"{where}: {_kind(obj)}, not a JSON object; {_FORMAT}")
     return obj
 
 
 def _kind(value) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    """What a JSON value is, with its article: "a list", "an object", "null"."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "an object"}
+    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
 
 
 def _unknown_keys(obj: dict, known: Sequence[str], where: str, prefix: str, what: str) -> None:
@@ -268,7 +270,7 @@ def _string(obj: dict, key: str, where: str, field: str, needs: str) -> str:
         raise DataError(f"{where}: {field}: missing; {needs}")
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: {field}: a {_kind(value)}, not a string; {needs}")
+        raise DataError(f"{where}: {field}: {_kind(value)}, not a string; {needs}")
     if not value.strip():
         raise DataError(f"{where}: {field}: empty; {needs} (not empty)")
     return value
@@ -277,7 +279,7 @@ def _string(obj: dict, key: str, where: str, field: str, needs: str) -> str:
 def _candidate(obj: dict, where: str, field: str, text: str) -> Candidate:
     ratings = obj.get("ratings", {})
     if not isinstance(ratings, dict):
-        raise DataError(f"{where}: {field}.ratings: a {_kind(ratings)}, not an object; write ratings as "
+        raise DataError(f"{where}: {field}.ratings: {_kind(ratings)}, not an object; write ratings as "
                         f'{{"sensible": 1, "safe": 0, ...}}')
     for attribute, value in ratings.items():
         if attribute not in ATTRIBUTES:
@@ -307,11 +309,11 @@ def parse_dialog(obj: dict, where: str = "dialog") -> Dialog:
     turns = obj.get("turns")
     if not isinstance(turns, list) or not turns:
         problem = "missing" if "turns" not in obj else ("an empty list" if turns == [] else
-                                                       f"a {_kind(turns)}, not a list")
+                                                       f"{_kind(turns)}, not a list")
         raise DataError(f"{where}: turns: {problem}; {_FORMAT}")
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: turns[{i}]: a {_kind(turn)}, not an object; {_TURN_NEEDS}")
+            raise DataError(f"{where}: turns[{i}]: {_kind(turn)}, not an object; {_TURN_NEEDS}")
         _unknown_keys(turn, TURN_KEYS, where, f"turns[{i}].", "a turn")
     pairs = tuple((_string(t, "speaker", where, f"turns[{i}].speaker", _TURN_NEEDS),
                    _string(t, "text", where, f"turns[{i}].text", _TURN_NEEDS)) for i, t in enumerate(turns))
@@ -319,7 +321,7 @@ def parse_dialog(obj: dict, where: str = "dialog") -> Dialog:
     if "responder" in obj:
         responder = obj["responder"]
         if not isinstance(responder, str):
-            raise DataError(f"{where}: responder: a {_kind(responder)}, not a string; name the speaker whose "
+            raise DataError(f"{where}: responder: {_kind(responder)}, not a string; name the speaker whose "
                             f"turns are responses, or leave it out (the last turn's speaker)")
         if responder not in speakers:
             close = difflib.get_close_matches(responder, speakers, n=1)
@@ -341,13 +343,13 @@ def parse_dialog(obj: dict, where: str = "dialog") -> Dialog:
         candidates.append((i, _candidate(turn, where, field, pairs[i][1])))
         alternatives = turn.get("alternatives", [])
         if not isinstance(alternatives, list):
-            raise DataError(f"{where}: {field}.alternatives: a {_kind(alternatives)}, not a list; write "
+            raise DataError(f"{where}: {field}.alternatives: {_kind(alternatives)}, not a list; write "
                             f'[{{"text": ..., "ratings": {{...}}}}, ...]')
         for j, alt in enumerate(alternatives):
             alt_field = f"{field}.alternatives[{j}]"
             needs = 'every alternative needs a "text" string'
             if not isinstance(alt, dict):
-                raise DataError(f"{where}: {alt_field}: a {_kind(alt)}, not an object; {needs}")
+                raise DataError(f"{where}: {alt_field}: {_kind(alt)}, not an object; {needs}")
             _unknown_keys(alt, ALTERNATIVE_KEYS, where, f"{alt_field}.", "an alternative")
             candidates.append((i, _candidate(alt, where, alt_field, _string(alt, "text", where, f"{alt_field}.text",
                                                                              needs))))
