@@ -190,10 +190,13 @@ def test_prepared_dir_decodes_to_exactly_the_examples(tok, tok_path, tmp_path):
 
 
 def test_attributes_are_those_rated_in_train(tok_path, tmp_path):
-    dialogs = read_dialogs(write_lines(tmp_path / "d.jsonl", [NO_GEN, SUM]))
-    meta = prepare_dialog_data(dialogs, tok_path, tmp_path / "out", val_fraction=0.0, progress=False)
-    assert meta["attributes"] == ["interesting"] and meta["splits"]["val"]["examples"] == 0
-    assert DataSource(tmp_path / "out", 1.0, meta).example_offsets("val").tolist() == [0]
+    dialogs = read_dialogs(write_lines(tmp_path / "d.jsonl", [NO_GEN, SUM, ADA]))
+    assert val_dialogs(3, 0.01) == [False, False, True]  # none hashed to validation: the last dialog goes there
+    meta = prepare_dialog_data(dialogs, tok_path, tmp_path / "out", val_fraction=0.01, progress=False)
+    assert meta["attributes"] == ["interesting"] and meta["splits"]["val"]["examples"] == 11
+    meta = prepare_dialog_data(dialogs, tok_path, tmp_path / "none", val_fraction=0.0, progress=False)
+    assert meta["attributes"] == sorted(ATTRIBUTES) and meta["splits"]["val"]["examples"] == 0
+    assert DataSource(tmp_path / "none", 1.0, meta).example_offsets("val").tolist() == [0]
 
 
 def test_damaged_dialog_dirs_are_refused_at_open(tok_path, tmp_path):
@@ -301,7 +304,8 @@ def test_demo_examples_fit_seq_len_128_with_the_demo_tokenizer():
     # the tokenizer prepare_bundled(out, 2048) trains: the bundled corpus at 2048 tokens
     tok = train_tokenizer(iter_documents([str(p) for p in bundled_corpus()]), 2048)
     ids = DialogTokens.of(tok)
-    lengths = [len(e.ids) for d in dialog_demo.make_dialogs(300, seed=0) for e in dialog_examples(tok, ids, parse_dialog(d))]
+    lengths = [len(e.ids) for d in dialog_demo.make_dialogs(300, seed=0)
+               for e in dialog_examples(tok, ids, parse_dialog(d))]
     assert max(lengths) <= 128, max(lengths)
 
 
