@@ -5,10 +5,17 @@
 An export dir holds
 * model.safetensors: the plain LaMDA state dict (fp32, or bf16/fp16 with --dtype); the
   embedding is tied to the head, so the state dict, and the file, hold it once;
-* config.json: ModelConfig.to_dict() plus "format" (lamda-pipe-export/1), "dtype",
-  "source_checkpoint" (the tag dir it came from) and "source_step";
+* config.json: ModelConfig.to_dict() plus "format" (lamda-pipe-export/2), "dtype",
+  "source_checkpoint" (the tag dir it came from), "source_step" and, when the tokenizer has
+  the dialog tokens, "dialog": {"tokens": DialogTokens.to_dict(), "attributes": [...]}, the
+  attributes being those the model was fine-tuned to rate (the run record's `dialog`; [] for
+  none): which models can rank their own candidates (ranking.py);
 * tokenizer.json: a copy of the checkpoint's, when it has one.
-LaMDA.from_pretrained(DIR) loads it with safetensors alone. Nothing here unpickles: layer files
+Format 1 (lamda-pipe 0.1.0) is format 2 without "dialog" and still loads. Format 2 exists so
+that a reader of format 1, which refuses unknown config keys, says "re-export" instead of
+"unknown model config keys ['dialog']".
+LaMDA.from_pretrained(DIR) loads it with safetensors alone (the model's `dialog` attribute is
+the ModelDialog of its config, or None). Nothing here unpickles: layer files
 are read with torch.load(weights_only=True) (weights.py). Which model a path means (a run dir,
 its checkpoints dir, one checkpoint or an export) is run_format.resolve_model's answer.
 """
@@ -18,23 +25,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
+from .data.dialog import DialogTokens
+from .data.tokenizer import ATTRIBUTES
 from .model import LaMDA
 from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file,
                          num_layer_files, resolve_model)
 
-EXPORT_FORMAT = "lamda-pipe-export/1"
-EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step")  # config.json keys beyond ModelConfig
+EXPORT_FORMAT = "lamda-pipe-export/2"
+READABLE_FORMATS = ("lamda-pipe-export/1", EXPORT_FORMAT)
+# config.json keys beyond ModelConfig
+EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step", "dialog")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def read_export_config(path) -> ModelConfig:
-    """The ModelConfig of an export dir (its config.json), checking both files are there."""
+def read_export_meta(path) -> dict:
+    """The config.json of an export dir, checking both files are there and its format."""
     path = Path(path)
     config_file = path / EXPORT_CONFIG
     missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
@@ -46,9 +58,15 @@ def read_export_config(path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-export the model") from None
     found = meta.get("format") if isinstance(meta, dict) else None
-    if found != EXPORT_FORMAT:
-        raise CheckpointError(f"{config_file}: format {found!r}, expected {EXPORT_FORMAT!r}; re-export the "
-                              f"checkpoint with this version's lamda-export")
+    if found not in READABLE_FORMATS:
+        raise CheckpointError(f"{config_file}: format {found!r}, expected one of {', '.join(READABLE_FORMATS)}; "
+                              f"re-export the checkpoint with this version's lamda-export")
+    return meta
+
+
+def read_export_config(path) -> ModelConfig:
+    """The ModelConfig of an export dir (its config.json), checking both files are there."""
+    meta = read_export_meta(path)
     return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
 
 
@@ -70,6 +88,7 @@ def load_export(path, device=None, dtype: torch.dtype | None = None, attention: 
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights_file} does not match its {EXPORT_CONFIG}: {e}") from None
+    model.dialog = _export_dialog(read_export_meta(path), Path(path) / EXPORT_CONFIG)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -91,6 +110,80 @@ def model_config_at(src: ModelPath) -> tuple[ModelConfig, int | None]:
     return record.model_config, record.global_steps
 
 
+@dataclass(frozen=True)
+class ModelDialog:
+    """What a model knows of dialogs: the ids of its dialog tokens (data/dialog.py), and the
+    attributes it was fine-tuned to rate, its discriminators (empty: none, ranking falls back
+    to the likelihood)."""
+
+    tokens: DialogTokens
+    attributes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens.to_dict(), "attributes": list(self.attributes)}
+
+
+def _attributes(names, where: str) -> tuple[str, ...]:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(a, str) for a in names):
+        raise CheckpointError(f"{where}: dialog attributes must be a list of names, got {names!r}; "
+                              f"fix or re-export the model")
+    unknown = [a for a in names if a not in ATTRIBUTES]
+    if unknown:
+        raise CheckpointError(f"{where}: unknown dialog attributes {unknown}; this lamda-pipe knows "
+                              f"{', '.join(ATTRIBUTES)} (a newer version wrote it? upgrade lamda-pipe)")
+    return tuple(names)
+
+
+def _export_dialog(meta: dict, where) -> ModelDialog | None:
+    d = meta.get("dialog")
+    if d is None:
+        return None  # exported before dialogs, or a tokenizer without dialog tokens
+    try:
+        return ModelDialog(DialogTokens.from_dict(d["tokens"]), _attributes(d.get("attributes", []), str(where)))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: its \"dialog\" entry is damaged ({type(e).__name__}: {e}); re-export "
+                              f"the model") from None
+
+
+def _tokens_of(tok) -> DialogTokens | None:
+    try:
+        return DialogTokens.of(tok)
+    except UsageError:
+        return None
+
+
+def dialog_at(src: ModelPath, tok=None) -> ModelDialog | None:
+    """The ModelDialog of the model at src, None for a model whose tokenizer has no dialog tokens.
+
+    tok: the tokenizer generation will use (default: the one beside the model). The attributes
+    are the run record's `dialog` (a checkpoint) or config.json's (an export); the ids are the
+    tokenizer's, and an export's recorded ids must agree with it."""
+    if src.kind == "export":
+        where = src.path / EXPORT_CONFIG
+        recorded = _export_dialog(read_export_meta(src.path), where)
+        attributes = recorded.attributes if recorded is not None else ()
+    else:
+        where, recorded = src.path / RUN_RECORD, None
+        record = RunRecord.read(src.path)
+        attributes = _attributes(((record.dialog if record else None) or {}).get("attributes", []), str(where))
+    if tok is None and src.tokenizer is not None:
+        from .data.tokenizer import load_tokenizer
+        tok = load_tokenizer(src.tokenizer)
+    tokens = _tokens_of(tok) if tok is not None else None
+    if recorded is not None:
+        if tok is not None and tokens != recorded.tokens:
+            raise CheckpointError(f"the tokenizer does not have the dialog token ids the model was exported with "
+                                  f"({where}): use the model's own tokenizer.json")
+        return recorded
+    if tokens is None:
+        if attributes:
+            lack = "no tokenizer is given" if tok is None else "the tokenizer has no dialog tokens"
+            raise CheckpointError(f"{where} names the discriminators {', '.join(attributes)} but {lack}; use the "
+                                  f"tokenizer the model was fine-tuned with")
+        return None
+    return ModelDialog(tokens, attributes)
+
+
 def load_model(src: ModelPath, cfg: ModelConfig, device=None, dtype: torch.dtype | None = None,
                attention: str = "auto") -> LaMDA:
     """The plain model of an export dir or checkpoint, in eval mode (checkpoints load as fp32)."""
@@ -104,6 +197,7 @@ def load_model(src: ModelPath, cfg: ModelConfig, device=None, dtype: torch.dtype
     except Exception as e:  # torch.load's and load_state_dict's errors do not name the checkpoint
         raise CheckpointError(f"could not rebuild the model from checkpoint {src.path} with the model_config of "
                               f"its {RUN_RECORD}: {str(e)[:500]}") from None
+    model.dialog = dialog_at(src) if src.tokenizer is not None else None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -117,7 +211,7 @@ def check_out(out: Path, force: bool) -> None:
     is_export = (out / EXPORT_CONFIG).is_file() and not out.is_symlink()
     if is_export:
         try:
-            is_export = json.loads((out / EXPORT_CONFIG).read_text()).get("format") == EXPORT_FORMAT
+            is_export = json.loads((out / EXPORT_CONFIG).read_text()).get("format") in READABLE_FORMATS
         except (ValueError, AttributeError):
             is_export = False
     empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
@@ -146,6 +240,9 @@ def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32") ->
     del model
     config = {"format": EXPORT_FORMAT, **cfg.to_dict(), "dtype": dtype, "source_checkpoint": provenance,
               "source_step": step}
+    dialog = dialog_at(source)
+    if dialog is not None:
+        config["dialog"] = dialog.to_dict()
 
     from safetensors.torch import save_file
 

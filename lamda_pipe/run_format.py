@@ -85,6 +85,11 @@ class RunRecord:
     # Sample ranges [start, end) that rollbacks skipped (guard.py); the data position already
     # lies past them, so they are a record of what the run never trained on. Absent: none.
     skipped_samples: tuple[tuple[int, int], ...] = ()
+    # Dialog fine-tuning: {"attributes": [...]}, the attributes the model learned to rate
+    # (data/dialog.py's discriminative examples), which decoding ranks candidates by
+    # (ranking.py, export.dialog_at). Absent: not fine-tuned to rate anything. Optional, so a
+    # record without it is still version 1 and an older reader simply does not rank.
+    dialog: dict | None = None
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -110,6 +115,8 @@ class RunRecord:
             if d.get("stage_bounds") is not None:
                 d["stage_bounds"] = tuple(int(b) for b in d["stage_bounds"])
             d["skipped_samples"] = tuple((int(a), int(b)) for a, b in d.get("skipped_samples") or ())
+            if d.get("dialog") is not None and not isinstance(d["dialog"], dict):
+                raise TypeError(f"dialog must be an object like {{\"attributes\": [...]}}, got {d['dialog']!r}")
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where} is not a usable run record ({type(e).__name__}: {e}); {fix}") from None

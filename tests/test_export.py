@@ -99,7 +99,7 @@ def test_exported_logits_equal_the_pipeline_checkpoints(run, exported):
 def test_export_dir_contents_and_config(run, exported):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     config = json.loads((exported / "config.json").read_text())
-    assert config["format"] == "lamda-pipe-export/1"
+    assert config["format"] == "lamda-pipe-export/2"
     assert config["source_step"] == STEPS and config["dtype"] == "fp32"
     assert Path(config["source_checkpoint"]) == run["tag"].resolve()
     assert ModelConfig.from_dict({k: v for k, v in config.items() if k in run["cfg"].to_dict()}) == run["cfg"]
