@@ -1,5 +1,5 @@
-"""Command-line tools: `lamda-train-tokenizer`, `lamda-prepare-data`, `lamda-export` and
-`lamda-generate`.
+"""Command-line tools: `lamda-train-tokenizer`, `lamda-prepare-data`, `lamda-export`,
+`lamda-generate` and `lamda-chat`.
 
 Shared here: the input options (--input / --dataset ...) and the error convention: bad input
 is one line `error: ...` on stderr and exit code 2, before any heavy work, no traceback.
