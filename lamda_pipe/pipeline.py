@@ -2,11 +2,19 @@
 
 Tensor protocol between stages
 ------------------------------
-* into stage 0: ``tokens`` (B, T) int64, the first seq_len tokens of each sample;
+What the data feeds in is fixed per run by its BatchFormat (lamda_pipe/data/batches.py, where
+the micro-batch layout and the loss weights are defined):
+
+* into stage 0: ``tokens`` (B, T) int64, the first seq_len tokens of each sample; with
+  document masks ``(tokens, doc_ids)``, doc_ids (B, T) int64, equal within each document or
+  packed example;
 * between any two stages: ``hidden`` (B, T, dim), one floating tensor in the activation
-  dtype (fp32, fp16 or bf16) — nothing else crosses a stage boundary;
-* into the loss on the last stage: ``logits`` (B, T, vocab) and ``labels`` (B, T) int64,
-  the same samples shifted by one token.
+  dtype (fp32, fp16 or bf16); with document masks ``(hidden, doc_ids)``: doc_ids travel with
+  the hidden state because every block's attention needs them and only stage 0 reads the data
+  (B * T integers beside B * T * dim activations). Nothing else crosses a stage boundary;
+* into the loss on the last stage: ``logits`` (B, T, vocab) and ``labels`` (B, T) int64, the
+  same samples shifted by one token; with loss weights ``(labels, weights)``, weights (B, T)
+  float32, and the loss is ``sum(nll * weights)`` (``weighted_lm_loss``).
 Relative position buckets are not sent: each stage builds them once per sequence length.
 
 Layer indices (they name the checkpoint files ``layer_XX-model_states.pt``):
@@ -45,6 +53,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import ModelConfig, block_param_count
+from .data.batches import PLAIN, BatchFormat
 from .attention import AttentionSetting, PositionCache
 from .errors import ConfigError
 from .model import Block, TokenEmbedding, init_block_weights
@@ -65,9 +74,34 @@ class BlockPipe(Block):
         return super().forward(hidden, self._positions, self._attention)
 
 
+class PackedBlockPipe(BlockPipe):
+    """A block under document masks: (hidden, doc_ids) in, (hidden, doc_ids) out."""
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, doc_ids = inputs
+        return Block.forward(self, hidden, self._positions, self._attention, doc_ids=doc_ids), doc_ids
+
+
 class FinalNorm(nn.RMSNorm):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.dim, eps=cfg.norm_eps)
+
+
+class PackedFinalNorm(FinalNorm):
+    """The final norm under document masks: the head needs no doc_ids, so they end here."""
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return super().forward(inputs[0])
+
+
+class PackedEmbedding(TokenEmbedding):
+    """The embedding under document masks: (tokens, doc_ids) in, (hidden, doc_ids) out. A module
+    of its own, not a forward_fn: DeepSpeed saves a layer's file only for a layer that is a
+    module in the stage's forward list (the tied head, a forward_fn, has none)."""
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, doc_ids = inputs
+        return super().forward(tokens), doc_ids  # (B, T) -> (B, T, D); doc_ids (B, T) passed on
 
 
 def tied_head(embedding: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
@@ -79,6 +113,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), rearrange(labels, "b t -> (b t)"))
 
 
+def weighted_lm_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sum(nll * weight): weights are 0 off the targets and normalise over the global batch
+    (data/batches.py), so a masked token contributes no loss and no gradient."""
+    targets, weights = labels
+    nll = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"),
+                          reduction="none")
+    return (nll * rearrange(weights, "b t -> (b t)")).sum()
+
+
 def int_seed_fn(seed) -> None:
     """DeepSpeed's per-layer seeding passes numpy ints for some partition methods, which
     torch.manual_seed refuses on Python >= 3.11; cast first."""
@@ -86,14 +129,18 @@ def int_seed_fn(seed) -> None:
     set_random_seed(int(seed))
 
 
-def layer_specs(cfg: ModelConfig, attention: str = "auto") -> list:
-    """attention: the attention kernel, one of ATTENTION_CHOICES (lamda_pipe/attention.py)."""
+def layer_specs(cfg: ModelConfig, attention: str = "auto", document_mask: bool = False) -> list:
+    """attention: the attention kernel, one of ATTENTION_CHOICES (lamda_pipe/attention.py);
+    document_mask: the layers pass doc_ids along (the protocol above). Either way the layers
+    and their parameters are the same, so checkpoints do not depend on it."""
     positions, setting = PositionCache(cfg.num_buckets, cfg.max_distance), AttentionSetting(attention)
+    embed, block, norm = ((PackedEmbedding, PackedBlockPipe, PackedFinalNorm) if document_mask
+                          else (TokenEmbedding, BlockPipe, FinalNorm))
     return [
-        TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, tied_weight_attr="weight"),
-        *[LayerSpec(BlockPipe, cfg, positions, setting) for _ in range(cfg.depth)],
-        LayerSpec(FinalNorm, cfg),
-        TiedLayerSpec(TIED_KEY, TokenEmbedding, cfg, forward_fn=tied_head, tied_weight_attr="weight"),
+        TiedLayerSpec(TIED_KEY, embed, cfg, tied_weight_attr="weight"),
+        *[LayerSpec(block, cfg, positions, setting) for _ in range(cfg.depth)],
+        LayerSpec(norm, cfg),
+        TiedLayerSpec(TIED_KEY, embed, cfg, forward_fn=tied_head, tied_weight_attr="weight"),
     ]
 
 
@@ -188,21 +235,22 @@ class LaMDAPipeline(PipelineModule):
 
 
 def build_pipeline(cfg: ModelConfig, bounds: list[int], seed: int, activation_checkpoint_interval: int = 0,
-                   attention: str = "auto") -> PipelineModule:
+                   attention: str = "auto", fmt: BatchFormat = PLAIN) -> PipelineModule:
     """Assembles the pipeline split at ``bounds`` (from ``stage_bounds``; the stage count is
     len(bounds) - 1). Each layer is built and run under a seed derived from its global index,
     so initialisation and dropout do not depend on the number of stages or where they are cut.
-    ``attention`` names the kernel (attention_kernels.ATTENTION_CHOICES)."""
+    ``attention`` names the kernel (attention_kernels.ATTENTION_CHOICES); ``fmt`` is the run's
+    BatchFormat (the protocol in the module docstring)."""
     module = LaMDAPipeline(
-        layers=layer_specs(cfg, attention),
+        layers=layer_specs(cfg, attention, fmt.document_mask),
         num_stages=len(bounds) - 1,
-        loss_fn=lm_loss,
+        loss_fn=weighted_lm_loss if fmt.loss_weights else lm_loss,
         stage_bounds=bounds,
         seed_layers=True,
         base_seed=seed,
         seed_fn=int_seed_fn,
         activation_checkpoint_interval=activation_checkpoint_interval,
-        checkpointable_layers=["BlockPipe"],
+        checkpointable_layers=["BlockPipe", "PackedBlockPipe"],
     )
     # Lets DeepSpeed's ds_to_universal convert checkpoints of this model (changing stage count).
     module.universal_checkpoint_info = universal_checkpoint_info()

@@ -61,6 +61,10 @@ def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, lay
                           f"(sha256 {theirs[:12]}) than --data ({ours[:12]}); "
                           f"prepare the data with the run's tokenizer ({tag_dir / TOKENIZER})")
     check_same_data(record.data, record_template.data, tag_dir, demo_data)
+    if record.document_mask != record_template.document_mask:
+        flag = "with --document-mask" if record.document_mask else "without --document-mask"
+        raise ConfigError(f"--load {tag_dir} was trained {flag}; resume {flag} (attention within documents changes "
+                          f"what the model learns), or start a new --run-dir (or --init-from)")
     bounds = record.stage_bounds if record.stage_bounds is not None else tuple(legacy_bounds(record))
     saved = Layout(record.pipe_stages, record.data_parallel, tuple(bounds))
     # ZeRO-1 keeps each stage's optimizer state as one flat buffer over that stage's layers:

@@ -76,6 +76,9 @@ class RunConfig:
     stop_timeout: float = _flag(300.0, "seconds a rank may take, after a stop request (SIGTERM, SIGINT, SIGUSR1 or its "
                                 "launcher gone), to reach the next step boundary and save before it exits without "
                                 "saving", type=float, metavar="S")
+    document_mask: bool = _flag(False, "keep attention within each document of plain-text data (a document ends "
+                                 "at <|endoftext|>); dialog data is packed with document masks whatever this says",
+                                 type=bool)
     seed: int = _flag(1234, "model init, dropout and data order", type=int)
     attention: str = _flag("auto", "attention kernel (lamda_pipe/attention.py): auto picks per device and length",
                            choices=_attention_kernels)
@@ -137,6 +140,10 @@ class RunConfig:
         for f in dataclasses.fields(cls):
             m = f.metadata
             kwargs = {"default": f.default, "help": m["help"]}
+            if m["type"] is bool:  # a switch: present means True
+                p.add_argument(m["name"] or f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true",
+                               **kwargs)
+                continue
             if m["type"] is not None:
                 kwargs["type"] = m["type"]
             if m["choices"] is not None:

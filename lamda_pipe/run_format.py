@@ -90,6 +90,9 @@ class RunRecord:
     # (ranking.py, export.dialog_at). Absent: not fine-tuned to rate anything. Optional, so a
     # record without it is still version 1 and an older reader simply does not rank.
     dialog: dict | None = None
+    # Attention kept within documents on plain text (--document-mask); dialog data always is.
+    # Absent: off, as every run before the flag.
+    document_mask: bool = False
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

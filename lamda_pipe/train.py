@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .checkpoint import Layout, ResumePoint, holds_checkpoints
 from .config import ModelConfig, param_count
+from .data.batches import BatchFormat
 from .data.loader import open_sources
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
@@ -46,6 +47,7 @@ class Plan:
     sources: list | None  # None: the bundled demo corpus, prepared after start-up
     resume: ResumePoint | None
     init_from: ModelPath | None
+    fmt: BatchFormat  # what the micro-batches carry (data/batches.py), from the data and --document-mask
 
 
 def preflight(run: RunConfig) -> Plan:
@@ -64,6 +66,7 @@ def preflight(run: RunConfig) -> Plan:
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
                       cuda_available=cuda)
     sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
+    fmt = BatchFormat.for_data([s.kind for s in sources or ()], run.document_mask)
     bounds = tuple(stage_bounds(cfg, run.pipe_stages, run.seq_len, method=run.partition))
 
     ckpt_dir = run.run_dir / CHECKPOINTS
@@ -83,7 +86,7 @@ def preflight(run: RunConfig) -> Plan:
     init_from = None if run.init_from is None else check_init_source(run.init_from, cfg)
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
-                resume, init_from)
+                resume, init_from, fmt)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -117,7 +120,14 @@ def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShap
                      stage_bounds=tuple(bounds), partition=run.partition,
                      bf16=bool(ds.get("bf16", {}).get("enabled", False)), seq_len=run.seq_len,
                      data=run.data or str(run.run_dir / "data"),
-                     tokenizer_sha256=sources[0].meta["tokenizer_sha256"] if sources else None, ds_config=ds)
+                     tokenizer_sha256=sources[0].meta["tokenizer_sha256"] if sources else None, ds_config=ds,
+                     dialog=dialog_record(sources), document_mask=run.document_mask)
+
+
+def dialog_record(sources) -> dict | None:
+    """The run record's `dialog`: the attributes the dialog data teaches the model to rate."""
+    attributes = sorted({a for s in sources or () for a in s.attributes})
+    return {"attributes": attributes} if attributes else None
 
 
 def check_init_source(path: Path, cfg: ModelConfig) -> ModelPath:
@@ -181,7 +191,7 @@ def train(plan: Plan) -> int:
     guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
     logger = make_logger(plan, engine, rank, dist.get_world_size())
     if rank == 0:
-        describe_run(plan, sources, evaluator)
+        describe_run(plan, sources, evaluator, train_stream)
 
     logger.start(engine.global_steps)
     t_start = time.perf_counter()
@@ -288,7 +298,7 @@ def build_engine(plan: Plan, rank: int):
     from .weights import copy_into_pipeline, read_plain_state
 
     run, cfg = plan.run, plan.model
-    net = build_pipeline(cfg, list(plan.bounds), run.seed, attention=run.attention,
+    net = build_pipeline(cfg, list(plan.bounds), run.seed, attention=run.attention, fmt=plan.fmt,
                          activation_checkpoint_interval=plan.ds.get("pipeline", {}).get(
                              "activation_checkpoint_interval", 0))
     if rank == 0:
@@ -325,14 +335,23 @@ def data_streams(plan: Plan, sources, engine, progress=lambda: None):
     run, batch = plan.run, plan.batch
     dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
 
-    def stream(tokens, shuffle, weights=None):
-        return MicroBatchStream(tokens, run.seq_len, batch.micro_batch_size, dp_rank, dp_size,
-                                seed=run.seed, shuffle=shuffle, weights=weights)
+    def stream(splits, shuffle, weights=None):
+        return MicroBatchStream(splits, run.seq_len, batch.micro_batch_size, dp_rank, dp_size, seed=run.seed,
+                                shuffle=shuffle, weights=weights, fmt=plan.fmt, accum=batch.grad_accum_steps)
 
-    train_stream = stream([s.tokens("train") for s in sources], True, [s.weight for s in sources])
-    val_streams = {s.name: (s.weight, stream(s.tokens("val"), False)) for s in sources
-                   if len(s.tokens("val")) > run.seq_len}
+    def split(source, name):
+        return source.split(name, document_mask=run.document_mask)
+
+    train_stream = stream([split(s, "train") for s in sources], True, [s.weight for s in sources])
+    val_streams = {s.name: (s.weight, stream([split(s, "val")], False)) for s in sources if has_val(s, run.seq_len)}
     return train_stream, Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters, progress=progress)
+
+
+def has_val(source, seq_len: int) -> bool:
+    """Whether a source's val split gives at least one row: a dialog example, or seq_len + 1 tokens."""
+    if source.kind == "dialog":
+        return source.meta["splits"]["val"]["examples"] > 0
+    return len(source.tokens("val")) > seq_len
 
 
 def make_logger(plan: Plan, engine, rank: int, world_size: int):
@@ -357,7 +376,7 @@ def loss_scale(engine) -> float:
     return float(scale or 1.0)
 
 
-def describe_run(plan: Plan, sources, evaluator) -> None:
+def describe_run(plan: Plan, sources, evaluator, train_stream) -> None:
     run, cfg, batch = plan.run, plan.model, plan.batch
     mix = ", ".join(f"{s.directory} ({s.weight:.3g}: {len(s.tokens('train')):,} train / "
                     f"{len(s.tokens('val')):,} val tokens)" for s in sources)
@@ -365,6 +384,15 @@ def describe_run(plan: Plan, sources, evaluator) -> None:
           f"{batch.data_parallel} data parallel | micro batch {batch.micro_batch_size} x {batch.grad_accum_steps} "
           f"micro-batches x seq {run.seq_len} = {batch.global_batch_size * run.seq_len} tokens/step\n"
           f"data: {mix}", flush=True)
+    for s, samples in zip(sources, train_stream.sources):
+        if s.kind == "dialog":
+            cut = f"; {samples.clipped} longer than a row lose their oldest tokens" if samples.clipped else ""
+            print(f"{s.directory}: {samples.examples:,} dialog examples packed into {samples.num_samples:,} rows "
+                  f"of {run.seq_len + 1} tokens ({samples.fill:.1%} example tokens, the rest padding){cut}",
+                  flush=True)
+    if plan.fmt.document_mask:
+        print("attention stays within each " + ("document and " if run.document_mask else "") + "packed example",
+              flush=True)
     if sources[0].vocab_size < cfg.vocab_size:
         print(f"note: the data's tokenizer has {sources[0].vocab_size} tokens, the model {cfg.vocab_size}: "
               f"the extra embedding rows are never used", flush=True)

@@ -10,11 +10,15 @@ communicated or saved except one number, the samples consumed so far:
   fixed quota of every block (its weight, rounded by largest remainder) in a seeded order,
   so realised proportions match the weights to within 1/MIX_BLOCK at every block boundary.
 * (source, k) -> sample: the k-th sample of the source's endless sequence of epochs, each
-  epoch a seeded permutation of its non-overlapping windows of seq_len + 1 tokens.
+  epoch a seeded permutation of its rows: non-overlapping windows of seq_len + 1 tokens of
+  plain text, or a dialog dir's examples packed into rows of that length (data/packing.py).
 * micro-batch m of data-parallel rank r takes slots offset + (m * dp_size + r) * mbs + j.
   Ranks never share a slot; first and last pipeline stage compute the same micro-batch; a
   resumed run passes offset = samples consumed and continues with the next unseen sample,
   whatever the stage count or micro-batch split, as long as the global batch is unchanged.
+
+Rows become micro-batches in the run's BatchFormat (data/batches.py): plain token tensors, or
+with document indices and per-token loss weights (dialog data, --document-mask).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .batches import PLAIN, BatchFormat, Row, micro_batch, target_count, text_doc_ids
 from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special tokens)
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -141,6 +146,13 @@ class DataSource:
         info = self._dialog_split(split, "example offsets")
         return np.memmap(self.directory / info["index"], dtype="<i8", mode="r", shape=(info["examples"] + 1,))
 
+    def split(self, split: str, document_mask: bool = False) -> "TextSplit | DialogSplit":
+        """What training reads of one split: dialog examples to pack, or text windows (with
+        document indices from <|endoftext|> when document_mask)."""
+        if self.kind == "dialog":  # padding is <|endoftext|>: never a target, a document of its own
+            return DialogSplit(self.tokens(split), self.mask(split), self.example_offsets(split), self.meta["eot_id"])
+        return TextSplit(self.tokens(split), self.meta["eot_id"] if document_mask else None)
+
     def _dialog_split(self, split: str, what: str) -> dict:
         if self.kind != "dialog":
             raise DataError(f"{self.directory} holds plain text, which has no {what}; prepare dialog data with "
@@ -188,29 +200,78 @@ def check_token_ids(source: DataSource, model_vocab: int) -> None:
                             f"of {model_vocab} (ids 0..{model_vocab - 1}); pass --vocab-size {top + 1} or more{own}")
 
 
-class ShuffledSamples:
-    """Sample k of an endless sequence of epochs over one token array's seq_len+1 windows."""
+class EpochOrder:
+    """Sample k of an endless sequence of epochs over n samples -> which of the n it is: each
+    epoch a seeded permutation (or the identity without shuffling)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
-        self.tokens, self.seq_len, self.seed, self.shuffle = tokens, seq_len, seed, shuffle
-        self.num_samples = (len(tokens) - 1) // seq_len
-        if self.num_samples < 1:
-            raise ValueError(f"the data holds {len(tokens)} tokens, fewer than one sample of seq_len+1 = "
-                             f"{seq_len + 1}; use a shorter --seq-len or more data")
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation): the latest only
 
-    def window(self, k: int) -> int:
-        epoch, pos = divmod(k, self.num_samples)
+    def index(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
         if not self.shuffle:
             return pos
         if self._order is None or self._order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.num_samples, generator=g))
+            self._order = (epoch, torch.randperm(self.n, generator=g))
         return int(self._order[1][pos])
+
+
+class ShuffledSamples:
+    """Sample k of an endless sequence of epochs over one token array's seq_len+1 windows."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True, eot: int | None = None):
+        """eot: the end-of-text id, to give rows document indices (--document-mask); None: no doc."""
+        self.tokens, self.seq_len, self.eot = tokens, seq_len, eot
+        self.num_samples = (len(tokens) - 1) // seq_len
+        if self.num_samples < 1:
+            raise ValueError(f"the data holds {len(tokens)} tokens, fewer than one sample of seq_len+1 = "
+                             f"{seq_len + 1}; use a shorter --seq-len or more data")
+        self.order = EpochOrder(self.num_samples, seed, shuffle)
+
+    def window(self, k: int) -> int:
+        return self.order.index(k)
 
     def __getitem__(self, k: int) -> np.ndarray:
         start = self.window(k) * self.seq_len
         return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+    def row(self, k: int) -> Row:
+        tokens = self[k]
+        return Row(tokens, None, None if self.eot is None else text_doc_ids(tokens, self.eot))
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """A split of plain text: windows of seq_len + 1 tokens. eot set: rows carry document indices."""
+
+    tokens: np.ndarray
+    eot: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def samples(self, seq_len: int, seed: int, shuffle: bool) -> ShuffledSamples:
+        return ShuffledSamples(self.tokens, seq_len, seed, shuffle, self.eot)
+
+
+@dataclass(frozen=True)
+class DialogSplit:
+    """A split of a prepared dialog dir: its examples packed into rows (data/packing.py)."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def samples(self, seq_len: int, seed: int, shuffle: bool):
+        from .packing import PackedExamples
+        return PackedExamples(self.tokens, self.mask, self.offsets, seq_len, self.pad_id,
+                              lambda n: EpochOrder(n, seed, shuffle))
 
 
 class Mixture:
@@ -249,36 +310,56 @@ class Mixture:
 
 
 class MicroBatchStream:
-    """Micro-batches of (inputs, labels), each (micro_batch_size, seq_len) int64.
+    """Micro-batches (inputs, labels) in a BatchFormat (data/batches.py); plain: two
+    (micro_batch_size, seq_len) int64 tensors.
 
-    `tokens` is one token array or a list of them (a mixture, with `weights`).
+    `splits` is one split or a list of them (a mixture, with `weights`): a TextSplit or
+    DialogSplit, or a bare token array (plain text). `accum` (micro-batches per optimizer step)
+    is needed for loss weights only: they normalise over the step's global batch.
     """
 
-    def __init__(self, tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 weights: Sequence[float] | None = None):
-        arrays = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
-        weights = list(weights) if weights is not None else [1.0 / len(arrays)] * len(arrays)
-        if len(weights) != len(arrays):
-            raise ValueError(f"{len(arrays)} token arrays but {len(weights)} weights")
-        self.sources = [ShuffledSamples(a, seq_len, seed + 104_729 * i, shuffle) for i, a in enumerate(arrays)]
+    def __init__(self, splits, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, weights: Sequence[float] | None = None,
+                 fmt: BatchFormat = PLAIN, accum: int = 1):
+        splits = list(splits) if isinstance(splits, (list, tuple)) else [splits]
+        splits = [TextSplit(s) if isinstance(s, np.ndarray) else s for s in splits]
+        weights = list(weights) if weights is not None else [1.0 / len(splits)] * len(splits)
+        if len(weights) != len(splits):
+            raise ValueError(f"{len(splits)} token arrays but {len(weights)} weights")
+        self.sources = [s.samples(seq_len, seed + 104_729 * i, shuffle) for i, s in enumerate(splits)]
         self.mixture = Mixture(weights, seed)
         self.seq_len, self.mbs, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
+        self.fmt, self.accum = fmt, accum
+        self._targets: tuple[int, int] | None = None  # (first slot of a step, its target tokens)
 
     @property
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.sources)
 
-    def slot_sample(self, slot: int) -> np.ndarray:
+    def slot_row(self, slot: int) -> Row:
         i, k = self.mixture.locate(slot)
-        return self.sources[i][k]
+        return self.sources[i].row(k)
 
-    def micro_batch(self, m: int, slot_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_sample(self, slot: int) -> np.ndarray:
+        return self.slot_row(slot).tokens
+
+    def step_targets(self, first_slot: int) -> int:
+        """Target tokens in the global batch of the step whose first slot is first_slot."""
+        if self._targets is None or self._targets[0] != first_slot:
+            n = sum(target_count(self.slot_row(first_slot + j)) for j in range(self.accum * self.dp_size * self.mbs))
+            self._targets = (first_slot, n)
+        return self._targets[1]
+
+    def micro_batch(self, m: int, slot_offset: int = 0):
         first = slot_offset + (m * self.dp_size + self.dp_rank) * self.mbs
-        batch = torch.from_numpy(np.stack([self.slot_sample(first + j) for j in range(self.mbs)]))
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) inputs, (B, T) labels
+        rows = [self.slot_row(first + j) for j in range(self.mbs)]
+        weight = 1.0
+        if self.fmt.loss_weights:
+            step_first = slot_offset + (m // self.accum) * self.accum * self.dp_size * self.mbs
+            weight = self.accum * self.dp_size / max(self.step_targets(step_first), 1)
+        return micro_batch(rows, self.fmt, weight)
 
-    def iterate(self, start: int = 0, slot_offset: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, start: int = 0, slot_offset: int = 0) -> Iterator:
         m = start
         while True:
             yield self.micro_batch(m, slot_offset)
