@@ -56,7 +56,8 @@ class RunConfig:
     resume: str | None = _flag(None, "auto: resume from RUN_DIR/checkpoints if it holds a checkpoint, else start; "
                                "a requeued job just reruns the same command", choices=lambda: ("auto",))
     init_from: Path | None = _flag(None, "start a new run from the weights of a checkpoint (dir) or an export, with "
-                                   "a fresh optimizer and step count: the basis of fine-tuning",
+                                   "a fresh optimizer and step count: the basis of fine-tuning; with --resume auto "
+                                   "only while RUN_DIR holds no checkpoint (a requeued job reruns the same command)",
                                    type=Path, metavar="PATH")
     save_every: int = _flag(100, "save a checkpoint every N steps (and at the end)", type=int)
     keep_last: int | None = _flag(None, "keep only the newest N checkpoints", type=int)
@@ -117,8 +118,9 @@ class RunConfig:
                               f"use --seq-len <= {cfg.max_seq_len} or a preset with a longer max_seq_len")
         if self.load is not None and self.resume:
             raise ConfigError("give either --load DIR or --resume auto, not both")
-        if self.init_from is not None and (self.load is not None or self.resume):
-            raise ConfigError("--init-from starts a new run; it cannot be combined with --load or --resume")
+        if self.init_from is not None and self.load is not None:
+            raise ConfigError("--init-from starts a new run and --load continues one; give one of them (with "
+                              "--resume auto, --init-from is used only while RUN_DIR holds no checkpoint)")
         if self.attention == "flex" and cfg.dropout > 0:
             raise ConfigError(f"--attention flex has no attention dropout and the model's dropout is {cfg.dropout}; "
                               f"use --attention auto or sdpa")

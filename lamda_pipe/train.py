@@ -83,7 +83,9 @@ def preflight(run: RunConfig) -> Plan:
     elif holds_checkpoints(ckpt_dir):
         raise ConfigError(f"--run-dir {run.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
-    init_from = None if run.init_from is None else check_init_source(run.init_from, cfg)
+    # A fine-tuning job that is requeued reruns its command: once the run has a checkpoint, that
+    # checkpoint (weights, optimizer, data position) is where it continues, not --init-from.
+    init_from = None if run.init_from is None or resume is not None else check_init_source(run.init_from, cfg)
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
                 resume, init_from, fmt)
@@ -148,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if plan.resume is not None and plan.resume.note and launch_env(plan.run.local_rank).rank == 0:
-        print(f"note: {plan.resume.note}", flush=True)
+    if plan.resume is not None and launch_env(plan.run.local_rank).rank == 0:
+        if plan.resume.note:
+            print(f"note: {plan.resume.note}", flush=True)
+        if plan.run.init_from is not None:
+            print(f"note: resuming from {plan.resume.tag_dir}; --init-from {plan.run.init_from} only starts a run "
+                  f"whose --run-dir holds no checkpoint", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     try:
         status = train(plan)

@@ -52,7 +52,7 @@ def test_choices_come_from_the_registries():
     (["--keep-last", "0"], "--keep-last must be >= 1"),
     (["--peak-tflops", "0"], "--peak-tflops must be > 0"),
     (["--load", "x", "--resume", "auto"], "either --load DIR or --resume auto"),
-    (["--init-from", "x", "--resume", "auto"], "--init-from starts a new run"),
+    (["--init-from", "x", "--load", "y"], "--init-from starts a new run and --load continues one"),
     (["--vocab-size", "0"], "vocab_size must be positive"),
 ])
 def test_each_rule_refuses_with_the_fix(flags, message):
