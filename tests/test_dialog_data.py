@@ -346,3 +346,23 @@ def test_cli_bad_line_in_a_later_file_writes_nothing(tok_path, tmp_path, capsys)
     assert err == (f"error: {bad}:3: turns[1].speaker: missing; every turn needs \"speaker\" and \"text\" "
                    f"strings\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl"]
+
+
+def test_demo_prepare_writes_the_corpus_the_held_out_dialogs_and_the_data(tok_path, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--prepare", str(out), "--tokenizer", str(tok_path), "--dialogs", "30", "--seed", "4"]
+    assert dialog_demo.main(argv) == 0
+    lines = [json.loads(x) for x in (out / "dialogs.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]
+    assert lines == dialog_demo.make_dialogs(30, 4)
+    assert held == dialog_demo.make_dialogs(dialog_demo.HELDOUT, 5)  # another seed: not trained on
+    meta = read_meta(out / "data")
+    assert meta["kind"] == "dialog"
+    assert sum(meta["splits"][s]["documents"] for s in ("train", "val")) == 30
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert dialog_demo.main(argv) == 2  # nothing is replaced without --force
+    assert "already holds dialogs.jsonl, heldout.jsonl, data; pass --force" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert dialog_demo.main(["--prepare", str(tmp_path / "other")]) == 2
+    assert "--prepare needs --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -2,6 +2,7 @@
 
     python scripts/make_dialog_demo.py --out data/dialogs.jsonl --dialogs 2000 --seed 0
     lamda-prepare-data --format dialog --input data/dialogs.jsonl --tokenizer tokenizer.json --out data/dialogs
+    python scripts/make_dialog_demo.py --prepare runs/dialogs --tokenizer runs/demo/data/tokenizer.json  # both
 
 Each dialog (a line of the dialog file format, data/dialog.py) is between "User" and "Bot":
 
@@ -168,18 +169,56 @@ def write_dialogs(path: str | Path, n: int, seed: int = 0, force: bool = False) 
     return path
 
 
+HELDOUT = 100  # dialogs of the held-out file that --prepare writes
+
+
+def prepare_demo(out: Path, tokenizer: Path, n: int, seed: int, force: bool = False) -> dict:
+    """The fine-tuning demo's data in one dir: OUT/dialogs.jsonl (n dialogs of `seed`),
+    OUT/heldout.jsonl (HELDOUT dialogs of seed + 1, for lamda-eval-dialog) and OUT/data, the
+    dialogs prepared with `tokenizer` (the pre-trained model's). Returns data's meta.json."""
+    from .dialog import read_dialogs
+    from .prepare_dialog import prepare_dialog_data
+
+    out = Path(out)
+    data = out / "data"
+    existing = [p for p in (out / "dialogs.jsonl", out / "heldout.jsonl", data) if p.exists()]
+    if existing and not force:
+        from ..errors import DataError
+        raise DataError(f"--prepare {out} already holds {', '.join(p.name for p in existing)}; pass --force to "
+                        f"replace them, or pick another dir")
+    write_dialogs(out / "dialogs.jsonl", n, seed, force=True)
+    write_dialogs(out / "heldout.jsonl", HELDOUT, seed + 1, force=True)
+    return prepare_dialog_data(read_dialogs(out / "dialogs.jsonl"), tokenizer, data, val_fraction=0.05,
+                               force=force, source=f"dialog demo, {n} dialogs, seed {seed}", progress=False)
+
+
 def main(argv=None) -> int:
+    from ..errors import DataError
     from ..tools import ArgumentParser, run_cli
 
     def body(argv) -> int:
         p = ArgumentParser(prog="make_dialog_demo.py", description=__doc__.split("\n\n")[0])
-        p.add_argument("--out", type=Path, required=True, help="the dialog file to write (JSON lines)")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--out", type=Path, help="the dialog file to write (JSON lines)")
+        where.add_argument("--prepare", type=Path, metavar="DIR",
+                           help="write DIR/dialogs.jsonl, DIR/heldout.jsonl (100 dialogs of seed + 1) and DIR/data, "
+                                "the dialogs prepared with --tokenizer: everything fine-tuning needs")
+        p.add_argument("--tokenizer", type=Path, help="with --prepare: the pre-trained model's tokenizer.json")
         p.add_argument("--dialogs", type=int, default=2000, help="how many dialogs (default 2000)")
         p.add_argument("--seed", type=int, default=0, help="which corpus (default 0)")
-        p.add_argument("--force", action="store_true", help="replace --out if it exists")
+        p.add_argument("--force", action="store_true", help="replace what --out / --prepare would write")
         args = p.parse_args(argv)
-        write_dialogs(args.out, args.dialogs, args.seed, args.force)
-        print(f"wrote {args.dialogs:,} dialogs (seed {args.seed}) to {args.out}")
+        if args.prepare is None:
+            write_dialogs(args.out, args.dialogs, args.seed, args.force)
+            print(f"wrote {args.dialogs:,} dialogs (seed {args.seed}) to {args.out}")
+            return 0
+        if args.tokenizer is None:
+            raise DataError("--prepare needs --tokenizer: the tokenizer.json of the model to fine-tune (the demo's "
+                            "is runs/demo/data/tokenizer.json)")
+        meta = prepare_demo(args.prepare, args.tokenizer, args.dialogs, args.seed, args.force)
+        train = meta["splits"]["train"]
+        print(f"wrote {args.prepare}: dialogs.jsonl ({args.dialogs:,} dialogs), heldout.jsonl ({HELDOUT}), data/ "
+              f"({train['examples']:,} training examples, {train['tokens']:,} tokens)")
         return 0
 
     return run_cli(body, argv)
