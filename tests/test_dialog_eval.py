@@ -77,3 +77,26 @@ def test_discriminator_metrics_score_each_candidate_against_its_own_rating(tok):
     assert out["sensible"].rated == 9 and out["sensible"].positive == 3
     assert out["sensible"].accuracy == 1.0 and out["sensible"].auc == 1.0
     assert out["safe"].rated == 6 and out["safe"].accuracy == 0.0 and out["safe"].auc == 0.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--modes", "greedy,fast"], "--modes fast: choose among greedy, sample, rank"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--num-candidates", "0"], "--num-candidates must be >= 1"),
+])
+def test_eval_dialog_refuses_bad_flags_in_one_line(tmp_path, capsys, args, says):
+    from lamda_pipe.tools.eval_dialog import main
+
+    assert main(["--model", str(tmp_path), "--dialogs", str(tmp_path / "d.jsonl"), *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_dialog_checks_the_dialog_file_before_reading_any_model(tmp_path, capsys):
+    from lamda_pipe.tools.eval_dialog import main
+
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"turns": [{"speaker": "User", "text": "hi"}, {"speaker": "Bot"}]}\n')
+    assert main(["--model", str(tmp_path / "no-such-model"), "--dialogs", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: turns[1].text: missing" in err and "no-such-model" not in err

@@ -35,12 +35,13 @@ def plan(run_dir, *flags):
     return preflight(RunConfig.from_argv(["--run-dir", str(run_dir), *flags]))
 
 
-def fake_checkpoint(run_dir, step, *, commit=True, data=None, tokenizer_sha256=None):
+def fake_checkpoint(run_dir, step, *, commit=True, data=None, tokenizer_sha256=None, document_mask=False):
     """A checkpoint of the debug model as a 2-stage run writes it (tiny real torch archives)."""
     ckpt = run_dir / "checkpoints"
     record = RunRecord(model_preset="debug", model_config=get_preset("debug"), pipe_stages=2, data_parallel=1,
                        global_steps=step, samples_consumed=16 * step, stage_bounds=(0, 4, 7), partition="flops",
-                       seq_len=128, data=data or str(run_dir / "data"), tokenizer_sha256=tokenizer_sha256)
+                       seq_len=128, data=data or str(run_dir / "data"), tokenizer_sha256=tokenizer_sha256,
+                       document_mask=document_mask)
     tok = run_dir.parent / "tokenizer.json"
     tok.write_text("{}")
     begin_save(ckpt / f"global_step{step}", record, tok)
@@ -165,6 +166,17 @@ def test_resume_on_data_from_another_tokenizer_is_refused(tmp_path, launch_env):
     fake_checkpoint(run_dir, 2, data=str(a), tokenizer_sha256="0" * 64)
     with pytest.raises(ConfigError, match="another tokenizer .*sha256 000000000000"):
         plan(run_dir, "--resume", "auto", "--seq-len", "16", "--data", str(a))
+
+
+@pytest.mark.parametrize("trained_with", [True, False])
+def test_resume_with_another_document_mask_setting_is_refused(tmp_path, launch_env, trained_with):
+    run_dir = tmp_path / "run"
+    fake_checkpoint(run_dir, 2, document_mask=trained_with)
+    flag = ["--document-mask"] if trained_with else []
+    with pytest.raises(ConfigError, match=f"was trained {'with' if trained_with else 'without'} --document-mask; "
+                                          f"resume {'with' if trained_with else 'without'} --document-mask"):
+        plan(run_dir, "--resume", "auto", *([] if trained_with else ["--document-mask"]))
+    assert plan(run_dir, "--resume", "auto", *flag).resume.tag_dir.name == "global_step2"
 
 
 def test_resume_of_the_demo_in_a_moved_run_dir_is_not_refused(tmp_path, launch_env):
