@@ -77,13 +77,18 @@ def two_stages(tmp_path_factory):
 
 
 @pytest.mark.distributed
-def test_two_stages_match_one_stage_bit_for_bit(one_stage, two_stages):
-    """Per-layer seeding makes init and dropout independent of the split (dropout is 0.1)."""
+def test_two_stages_match_one_stage(one_stage, two_stages):
+    """Per-layer seeding makes init and dropout independent of the split (dropout is 0.1): without
+    it the losses differ by ~1e-2. They agree to float32 rounding, not always bit for bit: the tied
+    embedding's gradient is summed in another order (one stage accumulates embedding and head terms
+    micro-batch by micro-batch; two stages sum each stage's own, then all-reduce), so whether the
+    last bit agrees depends on the CPU's kernels (equal on the machines this was written on; 4.8e-7
+    apart at step 4 on an AMD EPYC without AVX-512)."""
     results, _ = two_stages
     assert len(set(one_stage["losses"])) == STEPS  # it trains: the loss changes every step
     assert one_stage["losses"][-1] < one_stage["losses"][0]
     for r in results:
-        assert r["losses"] == one_stage["losses"]
+        np.testing.assert_allclose(r["losses"], one_stage["losses"], rtol=2e-7, atol=0)
 
 
 @pytest.mark.distributed
