@@ -344,6 +344,14 @@ def sdpa_biased_attention(q, k, v, table, positions, *, dropout, layer_cache, op
 # -> whether this kernel takes the call (doc_masked: doc_ids given). select_kernel tries them
 # in table order; sdpa takes every call.
 
+def _flex_limits(device_type: str, dropout: float, training: bool) -> str | None:
+    if training and device_type != "cuda":
+        return "needs a CUDA GPU (torch has no FlexAttention backward on CPU)"
+    if dropout > 0:
+        return f"has no attention dropout and the model's dropout is {dropout}"
+    return None
+
+
 def _flex_rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_masked) -> bool:
     if q_len != k_len:
         return False  # KV-cache decoding: flex has no Tq < Tk path here
@@ -369,15 +377,21 @@ def _sdpa_rule(asked, device, q_len, k_len, dropout_active, max_distance, doc_ma
     return True  # the universal fallback
 
 
+def _no_limits(device_type: str, dropout: float, training: bool) -> str | None:
+    return None  # where it cannot run, its rule hands the call to another kernel
+
+
 class Kernel(NamedTuple):
     name: str
     run: Callable[..., torch.Tensor]  # the one call signature above
     rule: Callable[..., bool]  # whether it takes a call, given what was asked (rules above)
     compilable: bool  # traced by torch.compile; the others run eagerly inside a compiled region
+    # (device type, dropout, training) -> why it cannot be asked for there, or None
+    limits: Callable[[str, float, bool], str | None] = _no_limits
 
 
 KERNELS = (  # in the order select_kernel tries them; sdpa, which takes every call, last
-    Kernel("flex", _run_flex, _flex_rule, compilable=True),
+    Kernel("flex", _run_flex, _flex_rule, compilable=True, limits=_flex_limits),
     Kernel("cpu_flash", _run_cpu_flash, _cpu_flash_rule, compilable=False),
     Kernel("sdpa", sdpa_biased_attention, _sdpa_rule, compilable=False),
 )
@@ -388,6 +402,16 @@ def check_attention_name(name: str) -> str:
     if name not in ATTENTION_CHOICES:
         raise ConfigError(f"unknown attention kernel {name!r}; choose one of: {', '.join(ATTENTION_CHOICES)}")
     return name
+
+
+def check_request(asked: str, device_type: str, dropout: float, training: bool = True) -> None:
+    """Refuses a kernel asked for by name where it cannot run (its `limits`): the one place a run,
+    a tool or a layer checks what was asked; "auto" is always possible."""
+    check_attention_name(asked)
+    for kernel in KERNELS:
+        why = kernel.name == asked and kernel.limits(device_type, dropout, training)
+        if why:
+            raise ConfigError(f"--attention {asked} {why}; use --attention auto or sdpa")
 
 
 def select_kernel(asked: str, device: torch.device, q_len: int, k_len: int, dropout_active: bool, *,

@@ -121,9 +121,6 @@ class RunConfig:
         if self.init_from is not None and self.load is not None:
             raise ConfigError("--init-from starts a new run and --load continues one; give one of them (with "
                               "--resume auto, --init-from is used only while RUN_DIR holds no checkpoint)")
-        if self.attention == "flex" and cfg.dropout > 0:
-            raise ConfigError(f"--attention flex has no attention dropout and the model's dropout is {cfg.dropout}; "
-                              f"use --attention auto or sdpa")
         from .pipeline import check_stage_count
         check_stage_count(cfg, self.pipe_stages)
 

@@ -52,13 +52,12 @@ def preflight(run: RunConfig) -> Plan:
     """The checks that need the machine or the files; bad input fails here, before any work."""
     import torch
 
+    from .attention_kernels import check_request
     from .pipeline import LEGACY_PARTITION, stage_bounds
 
     cfg = run.model_config
     cuda = torch.cuda.is_available()
-    if run.attention == "flex" and not cuda:
-        raise ConfigError("--attention flex needs a CUDA GPU (torch has no FlexAttention backward on CPU); "
-                          "use --attention auto or sdpa")
+    check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
     ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
     check_ds_config(ds)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,

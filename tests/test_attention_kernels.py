@@ -58,6 +58,24 @@ def test_select_kernel_threshold_follows_max_distance():
     assert select_kernel("sdpa", CPU, 40, 40, False, max_distance=20) == "sdpa"
 
 
+def test_check_request_refuses_a_kernel_asked_for_where_it_cannot_run():
+    """The one check of what a run asks for (preflight calls it): flex trains on CUDA only and
+    has no dropout; "auto" and the others always pass (their rules hand the call on)."""
+    from lamda_pipe.attention_kernels import check_request
+
+    with pytest.raises(ValueError, match="--attention flex needs a CUDA GPU .*; use --attention auto or sdpa"):
+        check_request("flex", "cpu", 0.0)
+    with pytest.raises(ValueError, match="--attention flex has no attention dropout and the model's dropout is 0.1"):
+        check_request("flex", "cuda", 0.1)
+    check_request("flex", "cuda", 0.0)
+    check_request("flex", "cpu", 0.0, training=False)  # forward only: torch runs flex on CPU
+    for name in ("auto", "cpu_flash", "sdpa"):
+        for device in ("cpu", "cuda"):
+            check_request(name, device, 0.1)
+    with pytest.raises(ValueError, match="choose one of: auto, flex, cpu_flash, sdpa"):
+        check_request("flash", "cuda", 0.0)
+
+
 def test_select_kernel_refuses_flex_with_dropout_and_unknown_names():
     for device in (CPU, CUDA):
         with pytest.raises(ValueError, match="has no attention dropout"):
