@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import Layout, ResumePoint, choose_checkpoint, validate
-from .errors import ConfigError
-from .run_format import TOKENIZER, RunRecord
+from .checkpoint import Layout, ResumePoint, choose_checkpoint, complete_checkpoints, holds_checkpoints, validate
+from .errors import CheckpointError, ConfigError
+from .run_format import TOKENIZER, RunRecord, step_of
 
 
 def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is_demo: bool) -> None:
@@ -73,3 +73,34 @@ def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, lay
     return ResumePoint(tag_dir, record, saved, saved != layout, note)
 
 
+def check_no_overwrite(ckpt_dir: Path, load: Path | None, resumed: Path | None) -> None:
+    """A run writes its checkpoints into ckpt_dir (RUN_DIR/checkpoints) at the steps after the one
+    it resumes; refuses, before any work, when that would write over complete checkpoints there:
+    --load from elsewhere into a run dir that has its own, or a resume behind newer complete
+    checkpoints (e.g. `latest` pointed back by hand)."""
+    ckpt_dir = Path(ckpt_dir)
+    if load is not None and Path(load).resolve() != ckpt_dir.resolve() and holds_checkpoints(ckpt_dir):
+        raise CheckpointError(f"--run-dir {ckpt_dir.parent} already holds checkpoints of its own, which continuing "
+                              f"--load {load} there would write over; continue {load} in a new --run-dir, or resume "
+                              f"this one with --resume auto (nothing was changed)")
+    if resumed is None or Path(resumed).parent.resolve() != ckpt_dir.resolve():
+        return
+    step = step_of(Path(resumed).name)
+    newer = [d.name for d in complete_checkpoints(ckpt_dir) if step is not None and step_of(d.name) > step]
+    if newer:
+        raise CheckpointError(f"{ckpt_dir} holds complete checkpoints newer than {Path(resumed).name}, the one this run "
+                              f"resumes from ({', '.join(sorted(newer, key=step_of))}): its next saves would write "
+                              f"over them; move them out of {ckpt_dir} to keep them, or point `latest` at the newest "
+                              f"(nothing was changed)")
+
+
+def check_demo_tokenizer(resume: ResumePoint, sources) -> None:
+    """The bundled corpus is prepared after start-up (RUN_DIR/data), so a resume without --data
+    checks its tokenizer here, on every rank alike: a run trained on other data whose dir has
+    moved would otherwise continue on the bundled corpus."""
+    theirs = resume.record.tokenizer_sha256 if resume.record is not None else None
+    ours = sources[0].meta["tokenizer_sha256"]
+    if theirs and theirs != ours:
+        raise ConfigError(f"--load {resume.tag_dir} was trained on data tokenized with another tokenizer "
+                          f"(sha256 {theirs[:12]}) than the bundled corpus this run gives without --data "
+                          f"({ours[:12]}); pass the run's --data ({resume.record.data})")

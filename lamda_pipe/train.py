@@ -28,7 +28,7 @@ from .ds_config import BatchShape, check_run, default_config_path, fill_run_valu
 from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
 from .guard import (EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, finite_or_nan, settings_for,
                     weights_finite)
-from .resume import resume_point
+from .resume import check_demo_tokenizer, check_no_overwrite, resume_point
 from .run_config import RunConfig
 from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 from .run_report import describe_run, print_sample
@@ -80,6 +80,7 @@ def preflight(run: RunConfig) -> Plan:
     elif holds_checkpoints(ckpt_dir):
         raise ConfigError(f"--run-dir {run.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
+    check_no_overwrite(ckpt_dir, run.load, resume.tag_dir if resume else None)
     # A fine-tuning job that is requeued reruns its command: once the run has a checkpoint, that
     # checkpoint (weights, optimizer, data position) is where it continues, not --init-from.
     init_from = None if run.init_from is None or resume is not None else check_init_source(run.init_from, cfg)
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     try:
         status = train(plan)
-    except CheckpointError as e:  # a save that could not complete (full disk): every rank agrees and says so
+    except UsageError as e:  # found after start-up by every rank alike: a save that could not complete (full
+        # disk), or the demo data's tokenizer against the checkpoint's
         print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
         status = EXIT_BAD_INPUT
     close_process_groups()
@@ -185,6 +187,8 @@ def train(plan: Plan) -> int:
     rank = dist.get_rank()
     run.run_dir.mkdir(parents=True, exist_ok=True)
     sources = plan.sources or demo_sources(run, cfg, rank, dist.barrier)
+    if plan.resume is not None and plan.sources is None:
+        check_demo_tokenizer(plan.resume, sources)
     engine = build_engine(plan, rank)
     lifecycle = start_lifecycle(plan, engine, rank)
     checkpointer = make_checkpointer(plan, sources, rank, dist.barrier, lifecycle.progress)

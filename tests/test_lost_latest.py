@@ -31,3 +31,27 @@ def test_resume_auto_continues_from_the_newest_complete_checkpoint_when_latest_i
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # continued, not restarted
     assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "global_step4").iterdir()} == saved  # never rewritten
     assert (ckpt / "latest").read_text() == "global_step6"
+
+
+def test_a_run_whose_data_dir_moved_is_not_continued_on_the_bundled_corpus(tmp_path):
+    """Trained on --data .../data; that dir moved away; a resume that leaves out --data would read
+    the record's missing '.../data' as the demo's own data dir and train on the bundled corpus. The
+    tokenizer check after start-up refuses it, on every rank, in one line; nothing is written."""
+    from tests.test_data import prepared
+
+    (tmp_path / "elsewhere").mkdir()
+    data = prepared(tmp_path / "elsewhere", "data")
+    run_dir = tmp_path / "run"
+    first = run_demo_on(run_dir, "--steps", "2", "--save-every", "2", "--data", str(data))
+    assert first.returncode == 0, first.stderr[-3000:]
+    data.rename(tmp_path / "elsewhere" / "moved")
+    saved = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints" / "global_step2").iterdir()}
+
+    resumed = run_demo_on(run_dir, "--steps", "4", "--save-every", "2", "--resume", "auto")
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("ds_train.py: error:")]
+    assert len(errors) == 2 and "another tokenizer" in errors[0] and f"pass the run's --data ({data})" in errors[0]
+    assert "Traceback" not in resumed.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step2"
+    assert not (run_dir / "checkpoints" / "global_step4").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints" / "global_step2").iterdir()} == saved

@@ -232,3 +232,33 @@ def test_validation_reads_only_the_val_split(tmp_path, launch_env):
             from_train = np.stack([train[k * seq:k * seq + seq + 1] for k in range(m * mbs, (m + 1) * mbs)])
             assert np.array_equal(inputs.numpy(), want[:, :-1]) and np.array_equal(labels.numpy(), want[:, 1:])
             assert not np.array_equal(inputs.numpy(), from_train[:, :-1])
+
+
+def test_load_into_a_run_dir_that_has_its_own_checkpoints_is_refused(tmp_path, launch_env):
+    """--load A/checkpoints --run-dir B would save B's next steps over B's own checkpoints."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake_checkpoint(a, 2)
+    fake_checkpoint(b, 4)
+    before = snapshot(b)
+    with pytest.raises(CheckpointError, match=f"--run-dir {b} already holds checkpoints of its own, which continuing "
+                                              f"--load {a / 'checkpoints'} there would write over"):
+        plan(b, "--load", str(a / "checkpoints"))
+    assert snapshot(b) == before
+    # into a new run dir, or its own checkpoints: accepted
+    assert plan(tmp_path / "c", "--load", str(a / "checkpoints")).resume.tag_dir.name == "global_step2"
+    assert plan(b, "--load", str(b / "checkpoints")).resume.tag_dir.name == "global_step4"
+
+
+def test_resume_behind_newer_complete_checkpoints_is_refused(tmp_path, launch_env):
+    """`latest` pointed back by hand: the run's next saves would overwrite global_step4 and 6."""
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        fake_checkpoint(run_dir, step)
+    (run_dir / "checkpoints" / "latest").write_text("global_step2")
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match="newer than global_step2, the one this run resumes from "
+                                              r"\(global_step4, global_step6\): its next saves would write over"):
+        plan(run_dir, "--resume", "auto")
+    assert snapshot(run_dir) == before
+    (run_dir / "checkpoints" / "latest").write_text("global_step6")
+    assert plan(run_dir, "--resume", "auto").resume.tag_dir.name == "global_step6"
