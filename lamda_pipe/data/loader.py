@@ -187,7 +187,7 @@ def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSourc
 def check_token_ids(source: DataSource, model_vocab: int) -> None:
     """Every token id of every split is below the model's vocabulary (an id beyond it would be an
     IndexError deep in the embedding, after start-up). A max over the memory map: it reads the
-    files once, at disk speed (200M tokens from the page cache: 16 ms)."""
+    files once, at disk speed (docs/benchmarks.md, "Input checks at start-up")."""
     for split, info in source.meta["splits"].items():
         tokens = source.tokens(split)
         if len(tokens) == 0:

@@ -39,8 +39,9 @@ BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 MIN_VOCAB_SIZE = len(BYTE_TOKENS) + len(SPECIAL_TOKENS) + 1
 MAX_ALPHABET = 1000  # characters kept as base symbols; rarer ones fall back to bytes (as HF's SentencePieceBPE)
 # Training splits longer runs without whitespace into pieces of this many characters: the BPE
-# trainer's time grows far faster than a word's length (one 160k-character word: 12 s, 80k: 2 s),
-# and no useful token is that long. Only training sees the split; encoding is unchanged.
+# trainer's time grows far faster than a word's length (docs/benchmarks.md, "Tokenizer training on
+# pathological input"), and no useful token is that long. Only training sees the split; encoding is
+# unchanged.
 MAX_WORD_CHARS = 64
 
 
