@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CheckpointError, ConfigError
-from .run_format import COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, step_of, tag_for
+from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, read_latest, step_of,
+                         tag_for)
 
 
 class NonFiniteWeights(RuntimeError):
@@ -98,7 +99,7 @@ def write_errors_recorded(engine, failures: list):
 
 def discard_unfinished(ckpt_dir: Path, tag: str) -> None:
     """Rank 0, after a failed save: the folder goes (freeing what it took) unless `latest` names it."""
-    if (ckpt_dir / LATEST).is_file() and (ckpt_dir / LATEST).read_text().strip() == tag:
+    if read_latest(ckpt_dir) == tag:
         return
     (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
@@ -113,8 +114,7 @@ def save_failure(ckpt_dir: Path, step: int, failures: list) -> str:
                  else f"writing it failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     else:
         cause = "another rank could not write its part (its log says why: a full disk, most likely)"
-    latest = ckpt_dir / LATEST
-    previous = latest.read_text().strip() if latest.is_file() else None
+    previous = read_latest(ckpt_dir)
     if previous == tag_for(step):  # only keep-last's deletion of older checkpoints failed
         return (f"the checkpoint at step {step} is complete and `latest` names it, but deleting older checkpoints "
                 f"failed: {cause}; delete them yourself and rerun with --resume auto")
@@ -214,9 +214,9 @@ def unusable_latest(ckpt_dir: Path) -> str | None:
     """Why `latest` cannot be followed (missing, empty, naming a missing or incomplete folder),
     or None when it names a completed checkpoint."""
     latest = Path(ckpt_dir) / LATEST
-    if not latest.is_file():
+    tag = read_latest(ckpt_dir)
+    if tag is None:
         return f"{latest} is missing"
-    tag = latest.read_text().strip()
     if not tag:
         return f"{latest} is empty"
     if not (Path(ckpt_dir) / tag).is_dir():
@@ -232,7 +232,7 @@ def choose_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
     `latest` names but that is damaged is refused by validate(), never silently skipped."""
     why = unusable_latest(ckpt_dir)
     if why is None:
-        return Path(ckpt_dir) / (Path(ckpt_dir) / LATEST).read_text().strip(), None
+        return Path(ckpt_dir) / read_latest(ckpt_dir), None
     rejected = []
     for tag_dir in complete_checkpoints(ckpt_dir):
         try:

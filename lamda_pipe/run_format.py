@@ -148,12 +148,18 @@ class RunRecord:
         return files
 
 
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names ("" when it is empty), or None when there is no `latest` file."""
+    latest = Path(ckpt_dir) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
 def latest_tag_dir(ckpt_dir: Path) -> Path | None:
     """The folder `latest` names, or None when there is no `latest` at all."""
     latest = Path(ckpt_dir) / LATEST
-    if not latest.is_file():
+    tag = read_latest(ckpt_dir)
+    if tag is None:
         return None
-    tag = latest.read_text().strip()
     if not tag or not (Path(ckpt_dir) / tag).is_dir():
         raise CheckpointError(f"{latest} names checkpoint {tag!r}, which is not a directory in {ckpt_dir}; point "
                               f"`latest` at one of the complete checkpoints there (or pass one directly), or "

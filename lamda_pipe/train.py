@@ -313,7 +313,7 @@ def build_engine(plan: Plan, rank: int):
               f"FLOPs per token at seq {run.seq_len}):\n{describe_stages(cfg, list(plan.bounds), run.seq_len)}",
               flush=True)
     if plan.init_from is not None:  # new run from trained weights: fresh optimizer, step 0
-        copy_into_pipeline(net, read_plain_state(plan.init_from.path, cfg), cfg.depth)
+        copy_into_pipeline(net, read_plain_state(plan.init_from, cfg), cfg.depth)
         if rank == 0:
             print(f"initialised from {plan.init_from.path}", flush=True)
     net.loss_fn = finite_or_nan(net.loss_fn)  # a non-finite loss skips the step (guard.py)

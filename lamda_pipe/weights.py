@@ -14,7 +14,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .run_format import EXPORT_WEIGHTS, layer_file, num_layer_files
+from .run_format import EXPORT_WEIGHTS, ModelPath, layer_file, num_layer_files
 
 
 def layer_prefix(layer_idx: int, depth: int) -> str | None:
@@ -61,12 +61,13 @@ def load_plain_model(tag_dir, cfg: ModelConfig):
     return model
 
 
-def read_plain_state(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Weights of an export dir (model.safetensors) or of a checkpoint folder (layer files)."""
-    if (Path(path) / EXPORT_WEIGHTS).is_file():
+def read_plain_state(src: ModelPath, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights of the model at src (run_format.resolve_model): an export's model.safetensors, or a
+    checkpoint's layer files."""
+    if src.kind == "export":
         from safetensors.torch import load_file
-        return load_file(str(Path(path) / EXPORT_WEIGHTS))
-    return read_layer_files(path, cfg)
+        return load_file(str(src.path / EXPORT_WEIGHTS))
+    return read_layer_files(src.path, cfg)
 
 
 def copy_into_pipeline(net, state: dict[str, torch.Tensor], depth: int) -> None:
