@@ -16,6 +16,13 @@ request not carried out within --stop-timeout seconds, dumps the stack of every 
 RUN_DIR/stacks/rank{R}.txt, prints one line naming the rank and its stage, and exits the process
 (EXIT_HUNG), so the launcher ends the job and a Slurm job is requeued.
 
+Start-up. The ancestor chain is taken when the process starts (watch_from_start, first thing in
+ds_train.py's main), not when the watchdog starts after the process group, engine and resume: a
+runner killed in between would otherwise leave an adopted launcher whose chain looks complete.
+A launcher (DeepSpeed's launcher module) found adopted by init counts as gone. And the kernel
+sends the rank PARENT_DEATH_SIGNAL when its launcher dies (PR_SET_PDEATHSIG): during start-up
+that ends the rank at once (nothing to save yet); once the watchdog runs it is a stop request.
+
 Heartbeats. Every rank keeps RUN_DIR/heartbeat/rank{R}.json (host, pid, stage, last step) fresh;
 when a collective fails because a peer vanished, the survivor names the peers that are gone.
 """
@@ -38,6 +45,8 @@ from .distributed import pid_alive
 from .errors import EXIT_HUNG, EXIT_REQUEUE
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PARENT_DEATH_SIGNAL = signal.SIGUSR2  # the kernel's word that the launcher died (see Start-up)
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 ANCESTOR_GONE = 100  # a stop code above every signal number (SIGRTMAX is 64): "a launcher process is gone"
 POLL_S = 1.0
 HEARTBEAT_EVERY_S = 10.0
@@ -111,6 +120,54 @@ def job_ancestors(pid: int | None = None) -> list[Ancestor]:
     return chain
 
 
+def launcher_orphaned(chain: list[Ancestor], parent: int) -> bool:
+    """Whether this rank's launcher is already gone or adopted by init: its parent is init, or the
+    top of its chain is DeepSpeed's launcher module with init as parent. That module is only ever
+    started by the runner (locally, or through pdsh/ssh), never left behind by a shell, so init
+    as its parent means the runner died. Unless init is a launcher itself (a container whose
+    entry point is the runner or torchrun). A rank started without a launcher (no LOCAL_RANK,
+    e.g. under nohup) is never orphaned: a closed terminal must not stop it."""
+    if "LOCAL_RANK" not in os.environ or is_launcher(_cmdline(1)):
+        return False
+    if parent == 1:
+        return True
+    top = chain[-1] if chain else None
+    stat = _proc_stat(top.pid) if top else None
+    return stat is not None and stat[0] == 1 and any("deepspeed.launcher" in a for a in _cmdline(top.pid))
+
+
+@dataclass(frozen=True)
+class JobStart:
+    """The processes this rank descends from, taken when it started (watch_from_start)."""
+
+    ancestors: list
+    parent: int
+    orphaned: bool
+
+
+def watch_from_start() -> JobStart:
+    """First thing a rank does: note its launcher chain, and have the kernel signal it if its
+    launcher dies (Linux; elsewhere the watchdog's polling alone notices, once it runs)."""
+    parent = os.getppid()
+    chain = job_ancestors()
+    if chain and is_launcher(_cmdline(parent)):
+        _die_with_parent(parent)
+    return JobStart(chain, parent, launcher_orphaned(chain, parent))
+
+
+def _die_with_parent(parent: int) -> None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return  # not Linux: the watchdog's polling covers it once it runs
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+
+
 @dataclass
 class Watch:
     """What the watchdog thread checks; kept apart from threads and signals so unit tests drive it."""
@@ -156,8 +213,10 @@ class Lifecycle:
     step boundary (collective); close() when training ends."""
 
     def __init__(self, run_dir: Path, rank: int, stage: int, *, hang_timeout: float, stop_timeout: float,
-                 group=None, log=print):
+                 group=None, log=print, job: JobStart | None = None):
+        """job: watch_from_start()'s record from when the process started (default: taken now)."""
         self.run_dir, self.rank, self.stage = Path(run_dir), rank, stage
+        self.job = job
         self.watch = Watch(hang_timeout, stop_timeout)
         self.group, self.log = group, log
         self._lock = threading.Lock()
@@ -174,12 +233,14 @@ class Lifecycle:
 
     # --- set-up and tear-down (main thread) ---
     def start(self) -> "Lifecycle":
-        self.watch.ancestors = job_ancestors()
-        self.watch.parent = os.getppid()
+        job = self.job or watch_from_start()
+        self.watch.ancestors, self.watch.parent = job.ancestors, job.parent
+        if job.orphaned:
+            self.watch.request_stop(ANCESTOR_GONE, time.monotonic())
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, PARENT_DEATH_SIGNAL):
             self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
         self._write_heartbeat(time.time())
         self._previous_excepthook, sys.excepthook = sys.excepthook, self._excepthook
@@ -216,7 +277,7 @@ class Lifecycle:
         if self._closed.is_set():
             return  # stopping already: exiting with EXIT_REQUEUE
         with self._lock:
-            self.watch.request_stop(signum, time.monotonic())
+            self.watch.request_stop(ANCESTOR_GONE if signum == PARENT_DEATH_SIGNAL else signum, time.monotonic())
 
     def progress(self) -> None:
         """Called by the checkpointer after each save phase and the evaluator after each batch."""
@@ -259,6 +320,8 @@ class Lifecycle:
                     for signum in os.read(self._wake_r, 64):
                         if signum in STOP_SIGNALS:
                             self.watch.request_stop(signum, now)
+                        elif signum == PARENT_DEATH_SIGNAL:
+                            self.watch.request_stop(ANCESTOR_GONE, now)
                 if not self.watch.stop_code and self.watch.launcher_gone():
                     self.watch.request_stop(ANCESTOR_GONE, now)
                 why = self.watch.overdue(now)

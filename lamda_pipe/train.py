@@ -143,6 +143,9 @@ def check_init_source(path: Path, cfg: ModelConfig) -> ModelPath:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifecycle import watch_from_start
+
+    job = watch_from_start()  # before the slow start-up: a launcher that dies meanwhile is noticed
     try:
         plan = preflight(RunConfig.from_argv(argv))
     except UsageError as e:
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"whose --run-dir holds no checkpoint", flush=True)
     set_cpu_threads(launch_env(plan.run.local_rank).local_world_size)
     try:
-        status = train(plan)
+        status = train(plan, job)
     except UsageError as e:  # found after start-up by every rank alike: a save that could not complete (full
         # disk), or the demo data's tokenizer against the checkpoint's
         print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
@@ -175,7 +178,8 @@ def close_process_groups() -> None:
         dist.destroy_process_group()
 
 
-def train(plan: Plan) -> int:
+def train(plan: Plan, job=None) -> int:
+    """job: lifecycle.watch_from_start()'s record of the launcher chain (default: taken now)."""
     import torch.distributed as dist
 
     from .distributed import init_distributed
@@ -190,7 +194,7 @@ def train(plan: Plan) -> int:
     if plan.resume is not None and plan.sources is None:
         check_demo_tokenizer(plan.resume, sources)
     engine = build_engine(plan, rank)
-    lifecycle = start_lifecycle(plan, engine, rank)
+    lifecycle = start_lifecycle(plan, engine, rank, job)
     checkpointer = make_checkpointer(plan, sources, rank, dist.barrier, lifecycle.progress)
     checkpointer.resume(engine, plan.resume)
     train_stream, evaluator = data_streams(plan, sources, engine, lifecycle.progress)
@@ -273,7 +277,7 @@ def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: i
     return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
 
 
-def start_lifecycle(plan: Plan, engine, rank: int):
+def start_lifecycle(plan: Plan, engine, rank: int, job=None):
     """Stop requests, the launcher watch and the hang watchdog (lamda_pipe/lifecycle.py), with a
     gloo group of its own: the per-step stop agreement is a CPU all-reduce, never a device sync."""
     import torch.distributed as dist
@@ -283,7 +287,7 @@ def start_lifecycle(plan: Plan, engine, rank: int):
     group = dist.new_group(backend="gloo")
     return Lifecycle(plan.run.run_dir, rank, engine.stage_id, hang_timeout=plan.run.hang_timeout,
                      stop_timeout=plan.run.stop_timeout, group=group,
-                     log=lambda msg: print(msg, flush=True)).start()
+                     log=lambda msg: print(msg, flush=True), job=job).start()
 
 
 def demo_sources(run: RunConfig, cfg: ModelConfig, rank: int, barrier) -> list:

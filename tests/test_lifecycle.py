@@ -151,6 +151,41 @@ def test_sigkill_of_the_launcher_or_runner_ends_every_rank_with_a_save(jobs, tmp
     print(f"SIGKILL {target}: ranks saved at step {step}; last process gone after {gone_s:.2f}s")
 
 
+def wait_for_ranks(job: Job, timeout: float = 60) -> None:
+    """Until the launcher has started both ranks (they are then still starting up: importing,
+    building the process group and the engine); records the PIDs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            launcher = psutil.Process(job.runner.pid).children()[0]
+            ranks = [p for p in launcher.children() if "--local_rank=" in " ".join(p.cmdline())]
+        except (IndexError, psutil.NoSuchProcess):
+            ranks = []
+        if len(ranks) == 2:
+            job.pids["launcher"] = launcher.pid
+            for p in ranks:
+                job.pids["rank" + re.search(r"--local_rank=(\d)", " ".join(p.cmdline())).group(1)] = p.pid
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no ranks after {timeout}s:\n{job.output()}")
+
+
+@pytest.mark.launch
+@pytest.mark.parametrize("target", ["runner", "launcher"])
+def test_a_launcher_killed_during_start_up_leaves_no_rank(jobs, tmp_path, target):
+    """SIGKILL of the runner or the launcher while the ranks are still starting up (before the
+    watchdog runs): the ranks noted their launcher chain first thing, and the kernel signals them
+    when their launcher dies, so none trains on alone."""
+    job = Job(tmp_path / "run")
+    jobs.append(job)
+    wait_for_ranks(job)
+    assert job.last_logged_step() == 0  # still starting up
+    os.kill(job.pids[target], signal.SIGKILL)
+    gone_s = job.wait_all_gone(GONE_BOUND_S + 30)  # start-up, then at most one step and a save
+    assert job.last_logged_step() <= 1, job.output()
+    print(f"SIGKILL {target} during start-up: last process gone after {gone_s:.2f}s")
+
+
 @pytest.mark.launch
 def test_sigkill_of_one_rank_ends_the_job_naming_the_rank_and_stage(jobs, tmp_path):
     job = Job(tmp_path / "run", "--stop-timeout", "10")
@@ -255,6 +290,30 @@ def test_missing_peers_names_a_gone_process_and_a_silent_host(tmp_path):
     gone = missing_peers(tmp_path, me=0, now=now)
     assert gone == [f"rank 1 (pipeline stage 0) on {socket.gethostname()}: process {2 ** 22 + 1} is gone "
                     "(last step 9)", "rank 2 (pipeline stage 1) on node-b: no heartbeat for 100s (last step 8)"]
+
+
+@pytest.mark.unit
+def test_a_launcher_adopted_by_init_counts_as_gone(monkeypatch):
+    from lamda_pipe import lifecycle
+
+    cmdlines = {1: ["/sbin/init"], 50: ["/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=x"],
+                60: ["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "ds_train.py"]}
+    parents = {50: 1, 60: 1}
+    monkeypatch.setattr(lifecycle, "_cmdline", lambda pid: cmdlines.get(pid, []))
+    monkeypatch.setattr(lifecycle, "_proc_stat", lambda pid: (parents[pid], 7) if pid in parents else None)
+    orphaned = lifecycle.launcher_orphaned
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert orphaned([Ancestor(50, 7)], parent=50)  # DeepSpeed's launcher under init: its runner died
+    assert orphaned([], parent=1)  # the rank itself under init: its launcher died
+    assert not orphaned([Ancestor(60, 7)], parent=60)  # torchrun under init: started with nohup, say
+    parents[50] = 40
+    assert not orphaned([Ancestor(50, 7)], parent=50)  # its runner (or ssh session) is alive
+    parents[50] = 1
+    cmdlines[1] = ["/venv/bin/python", "/venv/bin/deepspeed", "--num_gpus", "2", "ds_train.py"]
+    assert not orphaned([Ancestor(50, 7)], parent=50)  # a container whose init is the runner
+    cmdlines[1] = ["/sbin/init"]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert not orphaned([], parent=1)  # no launcher at all (python ds_train.py under nohup)
 
 
 @pytest.mark.unit
