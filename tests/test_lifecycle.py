@@ -137,6 +137,26 @@ def test_a_signal_to_any_process_saves_at_an_agreed_step_and_leaves_no_process(j
 
 
 @pytest.mark.launch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_saves_once_and_leaves_no_process(jobs, tmp_path, sig):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) or `kill -- -PGID`: the
+    runner, the launcher and both ranks get the signal at once, and the launcher also passes its
+    own on; the ranks still agree on one step, save it complete and leave nothing behind."""
+    job = Job(tmp_path / "run")
+    jobs.append(job)
+    job.wait_for_step(3)
+    os.killpg(job.runner.pid, sig)  # the job runs in its own session: the group is the whole job
+    gone_s = job.wait_all_gone(GONE_BOUND_S)
+    text = job.output()
+    stop = re.search(r"stopping at step (\d+): (SIG\w+|its launcher is gone) on rank (\d)", text)
+    assert stop, text
+    step = int(stop.group(1))
+    assert complete_checkpoint(job.run_dir) == step and job.last_logged_step() == step
+    assert text.count("stopping at step") == 1
+    print(f"process group {sig.name}: stop at step {step}, last process gone after {gone_s:.2f}s")
+
+
+@pytest.mark.launch
 @pytest.mark.parametrize("target", ["runner", "launcher"])
 def test_sigkill_of_the_launcher_or_runner_ends_every_rank_with_a_save(jobs, tmp_path, target):
     job = Job(tmp_path / "run")
