@@ -140,3 +140,38 @@ def test_evaluator_weights_the_sources():
     ev = Evaluator({"a": (0.75, Stream(2.0)), "b": (0.25, Stream(6.0))}, every=1, iters=2)
     assert ev.evaluate(Engine()) == (3.0, {"a": 2.0, "b": 6.0})
     assert Evaluator({"a": (1.0, Stream(2.0))}, every=1, iters=1).evaluate(Engine()) == (2.0, None)
+
+
+TINY_0_1_0 = RELEASE_0_1_0 / "tiny"  # written by 0.1.0's code: tests/fixtures/release_0.1.0/tiny/make_fixture.py
+
+
+def expected_0_1_0():
+    import torch
+    return torch.load(TINY_0_1_0 / "expected_logits.pt", weights_only=True)
+
+
+def test_a_checkpoint_and_an_export_written_by_release_0_1_0_load_with_their_weights(tmp_path):
+    """The weights, not only the metadata: what 0.1.0 wrote computes, through today's loaders, the
+    logits 0.1.0 computed (to float32 rounding: the attention kernels changed since)."""
+    import torch
+
+    from lamda_pipe.export import export_checkpoint, load_model, model_config_at
+    from lamda_pipe.model import LaMDA
+    from lamda_pipe.weights import read_plain_state
+
+    want = expected_0_1_0()
+    ckpt = resolve_model(TINY_0_1_0 / "checkpoints")
+    export = resolve_model(TINY_0_1_0 / "export")
+    assert (ckpt.kind, ckpt.path.name, export.kind) == ("checkpoint", "global_step3", "export")
+    cfg, step = model_config_at(ckpt)
+    assert model_config_at(export) == (cfg, 3) and step == 3
+    models = {"checkpoint": load_model(ckpt, cfg), "export": LaMDA.from_pretrained(export.path)}
+    again = export_checkpoint(TINY_0_1_0 / "checkpoints", tmp_path / "re-export")  # today's lamda-export
+    models["re-export"] = LaMDA.from_pretrained(again)
+    for name, model in models.items():
+        with torch.no_grad():
+            logits = model.eval()(want["tokens"])
+        torch.testing.assert_close(logits, want["logits"], rtol=0, atol=1e-5, msg=name)
+    # --init-from reads the same weights from either
+    a, b = read_plain_state(ckpt, cfg), read_plain_state(export, cfg)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
