@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lamda_pipe.data.batches import BatchFormat
-from lamda_pipe.data.loader import DialogSplit, MicroBatchStream
+from lamda_pipe.data.loader import DialogSplit, MicroBatchStream, TextSplit
 from tests.dist_utils import run_ranks
 from tests.helpers import TINY_PIPE
 
@@ -35,12 +35,25 @@ def examples():
     return np.concatenate(ids), np.concatenate(mask), np.asarray(offsets)
 
 
-def stream(dp_rank, dp_size, accum):
+EOT = 1
+TEXT_FMT = BatchFormat(document_mask=True)  # plain text with --document-mask
+
+
+def text_tokens():
+    """Documents of 3 to 20 tokens, each ended by EOT, so most rows hold several."""
+    rng = np.random.default_rng(5)
+    docs = [np.r_[rng.integers(2, CFG.vocab_size, size=int(rng.integers(2, 19))), EOT] for _ in range(120)]
+    return np.concatenate(docs)
+
+
+def stream(dp_rank, dp_size, accum, text=False):
+    if text:
+        return MicroBatchStream([TextSplit(text_tokens(), EOT)], SEQ, MBS, dp_rank, dp_size, seed=3, fmt=TEXT_FMT)
     return MicroBatchStream([DialogSplit(*examples(), PAD)], SEQ, MBS, dp_rank, dp_size, seed=3, fmt=FMT,
                             accum=accum)
 
 
-def train(rank, stages, ckpt_dir=None, activation_checkpoints=False):
+def train(rank, stages, ckpt_dir=None, activation_checkpoints=False, text=False):
     import deepspeed
     import torch.distributed as dist
 
@@ -50,7 +63,7 @@ def train(rank, stages, ckpt_dir=None, activation_checkpoints=False):
     init_distributed()
     dp = dist.get_world_size() // stages
     accum = ROWS_PER_STEP // (MBS * dp)  # the same global batch in every layout
-    net = build_pipeline(CFG, stage_bounds(CFG, stages, SEQ), seed=42, fmt=FMT,
+    net = build_pipeline(CFG, stage_bounds(CFG, stages, SEQ), seed=42, fmt=TEXT_FMT if text else FMT,
                          activation_checkpoint_interval=1 if activation_checkpoints else 0)
     config = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": accum,
               "steps_per_print": 10 ** 6, "zero_optimization": {"stage": 1},
@@ -60,7 +73,7 @@ def train(rank, stages, ckpt_dir=None, activation_checkpoints=False):
     engine, *_ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=config)
     if ckpt_dir is not None:
         engine.save_checkpoint(ckpt_dir, tag="init")  # the weights the first step's loss is computed with
-    it = stream(engine.grid.get_data_parallel_rank(), dp, accum).iterate()
+    it = stream(engine.grid.get_data_parallel_rank(), dp, accum, text).iterate()
     return [engine.train_batch(it).item() for _ in range(STEPS)]
 
 
@@ -112,3 +125,30 @@ def test_every_layout_trains_the_same(runs):
     assert base[-1] < base[0]
     for name, losses in results.items():
         np.testing.assert_allclose(losses, base, rtol=0, atol=2e-5, err_msg=name)
+
+
+def test_document_masks_on_plain_text_give_each_document_its_own_context(tmp_path):
+    """--document-mask on text: the first step's loss (the plain mean over every position) equals
+    each document run alone, every position predicting the row's next token (the end-of-text
+    position predicts the next document's first token from its own document only)."""
+    from lamda_pipe.weights import load_plain_model
+
+    losses = run_ranks(train, 2, 2, str(tmp_path), False, True)[0]
+    model = load_plain_model(tmp_path / "init", CFG).eval()
+    s = stream(0, 1, 1, text=True)
+    nll = []
+    for slot in range(ROWS_PER_STEP):
+        row = s.slot_row(slot)
+        inputs, labels, doc = (torch.from_numpy(a) for a in (row.tokens[:-1], row.tokens[1:], row.doc[:-1]))
+        for d in doc.unique():
+            at = doc == d
+            with torch.no_grad():
+                logits = model(inputs[at][None])[0]
+            nll.append(torch.nn.functional.cross_entropy(logits, labels[at], reduction="none"))
+    nll = torch.cat(nll)
+    assert len(nll) == ROWS_PER_STEP * SEQ
+    with torch.no_grad():  # the same rows with attention across documents: what the flag changes
+        rows = torch.from_numpy(np.stack([s.slot_row(k).tokens for k in range(ROWS_PER_STEP)]))
+        across = torch.nn.functional.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
+    assert abs(float(across) - float(nll.mean())) > 1e-3
+    assert losses[0] == pytest.approx(float(nll.mean()), abs=2e-5)
