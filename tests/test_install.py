@@ -1,6 +1,7 @@
 """The package as a user installs it: a wheel built from this checkout, installed (not editable)
-into a directory of its own, trains with `lamda-train` started from a directory far from the
-checkout, on the DeepSpeed JSON and the demo corpus shipped inside the package."""
+by pip into a fresh venv, dependency list checked, trains with the venv's `lamda-train` started
+from a directory far from the checkout, on the DeepSpeed JSON and the demo corpus shipped inside
+the package."""
 
 from __future__ import annotations
 
@@ -44,9 +45,18 @@ def test_wheel_installed_elsewhere_trains_from_any_directory(tmp_path):
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--no-cache-dir", "-w", str(wheels),
          str(ROOT)], cwd=tmp_path, env=pip_env)
     (wheel,) = wheels.glob("lamda_pipe-*.whl")
-    run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], cwd=tmp_path, env=pip_env)
+    # A fresh venv that sees this one's packages (a .pth file: torch, DeepSpeed, ... are not
+    # installed twice), so that pip checks the wheel's dependency list against them: with
+    # --no-index a requirement nothing satisfies fails the install.
+    run([sys.executable, "-m", "venv", "--without-pip", str(target)], cwd=tmp_path)  # pip is this one's
+    venv_site = next((target / "lib").glob("python3*/site-packages"))
+    here_site = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "deepspeed").is_dir())
+    (venv_site / "outer.pth").write_text(f"{here_site}\n")
+    py = target / "bin" / "python"
+    installed = run([*pip, "--python", str(py), "install", "--no-index", str(wheel)], cwd=tmp_path, env=pip_env)
+    assert "Successfully installed lamda-pipe" in installed.stdout, installed.stdout
 
-    package = target / "lamda_pipe"
+    package = venv_site / "lamda_pipe"
     assert sorted(p.name for p in (package / "ds_configs").glob("*.json")) == CONFIGS
     assert sorted(p.name for p in (package / "data" / "corpus").glob("*.txt")) == BOOKS
     # Marks on the installed copies: the run must read these, not the checkout's files.
@@ -60,12 +70,13 @@ def test_wheel_installed_elsewhere_trains_from_any_directory(tmp_path):
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in corpus)).hexdigest()[:16]
 
     # One process, as a launcher would start rank 0 of 1; CPU whatever the machine has.
-    env = {**os.environ, "PYTHONPATH": str(target), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    where = run([sys.executable, "-c", "import lamda_pipe; print(lamda_pipe.__file__)"], cwd=cwd, env=env)
+    env.pop("PYTHONPATH", None)
+    where = run([str(py), "-c", "import lamda_pipe; print(lamda_pipe.__file__)"], cwd=cwd, env=env)
     assert Path(where.stdout.strip()) == package / "__init__.py"  # the installed copy, not the checkout
-    proc = run([sys.executable, str(target / "bin" / "lamda-train"), "--pipe-stages", "1", "--steps", "2",
+    proc = run([str(target / "bin" / "lamda-train"), "--pipe-stages", "1", "--steps", "2",
                 "--save-every", "2", "--eval-every", "0", "--sample-tokens", "4", "--run-dir", str(run_dir)],
                cwd=cwd, env=env)
     assert "sample: " in proc.stdout
