@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,7 +257,10 @@ def test_resume_after_a_rollback_repeats_the_healed_run(healed, data_dir, tmp_pa
     assert run_ranks(_train_poisoned, 2, [*argv, "--steps", "7"], sample_rows(data_dir, POISON),
                      timeout=240) == [0, 0]
     ckpts = run_dir / "checkpoints"
-    (ckpts / "latest").write_text("global_step6")  # as if killed right after the rollback
+    # as if killed right after the rollback, before step 7's save (a resume behind a newer complete
+    # checkpoint is refused: its saves would write over it)
+    (ckpts / "latest").write_text("global_step6")
+    shutil.rmtree(ckpts / "global_step7")
     assert run_ranks(_train_poisoned, 2, [*argv, "--steps", "9", "--resume", "auto"],
                      sample_rows(data_dir, POISON), timeout=240) == [0, 0]
     healed_losses = {r["step"]: r["loss"] for r in metrics(healed) if "loss" in r}  # last record per step
