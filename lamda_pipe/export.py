@@ -87,7 +87,9 @@ def load_export(path, device=None, dtype: torch.dtype | None = None, attention: 
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{weights_file} does not match its {EXPORT_CONFIG}: {e}") from None
+        first = " ".join(str(e).split())[:300]  # torch's message spans lines; the refusal is one
+        raise CheckpointError(f"{weights_file} does not match its {EXPORT_CONFIG} ({first}); re-export the model") \
+            from None
     model.dialog = _export_dialog(read_export_meta(path), Path(path) / EXPORT_CONFIG)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -198,6 +198,12 @@ def resolve_model(path) -> ModelPath:
             return ModelPath("checkpoint", tag_dir)
     if (p / RUN_RECORD).is_file() or (p / layer_file(0)).is_file():
         return ModelPath("checkpoint", p)
+    for ckpt_dir in (p / CHECKPOINTS, p):
+        complete = sorted((d for d in ckpt_dir.glob("*") if step_of(d.name) is not None and (d / COMPLETE).is_file()),
+                          key=lambda d: step_of(d.name))
+        if complete:  # `latest` lost: name what is there rather than say nothing was saved
+            raise CheckpointError(f"{ckpt_dir} has no '{LATEST}' file, but holds complete checkpoints; pass one, e.g. "
+                                  f"the newest: {complete[-1]}")
     if (p / CHECKPOINTS).is_dir():
         raise CheckpointError(f"{p / CHECKPOINTS} has no '{LATEST}' file: no checkpoint of this run was "
                               f"completed; pass a checkpoint dir (e.g. {p / CHECKPOINTS / tag_for(100)})")

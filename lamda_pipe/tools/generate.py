@@ -137,7 +137,8 @@ def open_source(args) -> Source:
                         f"(the tokenizer the model was trained with)")
     tok = load_tokenizer(tok_path)
     if vocab_size(tok) > cfg.vocab_size:
-        raise DataError(f"--tokenizer {tok_path} has {vocab_size(tok)} tokens but the model only {cfg.vocab_size}; "
+        which = f"--tokenizer {tok_path}" if args.tokenizer else f"the tokenizer beside the model ({tok_path})"
+        raise DataError(f"{which} has {vocab_size(tok)} tokens but the model only {cfg.vocab_size}; "
                         f"use the tokenizer the model was trained with")
     return Source(source, cfg, step, tok, device)
 
