@@ -39,9 +39,12 @@ class Job:
         cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DS_TRAIN, "--run-dir", str(run_dir),
                *FLAGS, *flags]
         with open(self.log, "w") as out:
+            # SIGINT back to its default: a suite started in the background of a script (`cmd &`)
+            # inherits it ignored, and a runner that ignores SIGINT is not the job a terminal starts
             self.runner = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
                                                                 "PYTHONUNBUFFERED": "1", **(env or {})},
-                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.pids: dict[str, int] = {"runner": self.runner.pid}
 
     def wait_for_step(self, step: int, timeout: float = 90) -> None:
@@ -66,7 +69,9 @@ class Job:
         while time.monotonic() - t0 < timeout:
             self.runner.poll()
             if not self.alive():
-                return time.monotonic() - t0
+                gone = time.monotonic() - t0
+                self.runner.wait(timeout=10)  # a zombie counts as gone, but its status is read here
+                return gone
             time.sleep(0.02)
         raise AssertionError(f"still running after {timeout}s: {self.alive()}\n{self.output()}")
 

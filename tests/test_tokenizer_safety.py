@@ -52,7 +52,10 @@ def test_a_signal_stops_tokenizer_training_promptly(tmp_path, sig, status):
     out = tmp_path / "tok.json"
     proc = subprocess.Popen([sys.executable, "-m", "lamda_pipe.tools.train_tokenizer", "--input", str(fifo),
                              "--out", str(out), "--vocab-size", "100000", "--no-progress"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT as a terminal leaves it: a suite started in the background of a
+                            # script inherits it ignored, and so would the tool
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         with open(fifo, "w") as writer:  # blocks until the tool opens it for reading
             writer.write(text)
