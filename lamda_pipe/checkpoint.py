@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CheckpointError, ConfigError
-from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord, read_latest, step_of,
-                         tag_for)
+from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord,
+                         complete_checkpoints, read_latest, tag_for)
 
 
 class NonFiniteWeights(RuntimeError):
@@ -62,9 +62,7 @@ def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
     write_atomic(ckpt_dir / LATEST, tag)
     if not keep_last:
         return []
-    complete = sorted((step, d) for d in ckpt_dir.iterdir()
-                      if d.is_dir() and (step := step_of(d.name)) is not None and (d / COMPLETE).is_file())
-    doomed = [d for _, d in complete[:-keep_last] if d.name != tag]
+    doomed = [d for d in reversed(complete_checkpoints(ckpt_dir)[keep_last:]) if d.name != tag]  # oldest first
     for d in doomed:
         (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(d)
@@ -193,16 +191,6 @@ class ResumePoint:
     saved_layout: Layout | None
     change_layout: bool  # load through the universal checkpoint
     note: str | None = None  # why this is not the checkpoint `latest` names, to print at start-up
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The step folders that carry the completion marker, newest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(step, d) for d in ckpt_dir.iterdir()
-             if (step := step_of(d.name)) is not None and (d / COMPLETE).is_file()]
-    return [d for _, d in sorted(found, reverse=True)]
 
 
 def holds_checkpoints(ckpt_dir: Path) -> bool:

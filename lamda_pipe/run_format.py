@@ -148,6 +148,16 @@ class RunRecord:
         return files
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The step folders that carry the completion marker, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(step, d) for d in ckpt_dir.iterdir()
+             if (step := step_of(d.name)) is not None and (d / COMPLETE).is_file()]
+    return [d for _, d in sorted(found, reverse=True)]
+
+
 def read_latest(ckpt_dir: Path) -> str | None:
     """The tag `latest` names ("" when it is empty), or None when there is no `latest` file."""
     latest = Path(ckpt_dir) / LATEST
@@ -199,11 +209,10 @@ def resolve_model(path) -> ModelPath:
     if (p / RUN_RECORD).is_file() or (p / layer_file(0)).is_file():
         return ModelPath("checkpoint", p)
     for ckpt_dir in (p / CHECKPOINTS, p):
-        complete = sorted((d for d in ckpt_dir.glob("*") if step_of(d.name) is not None and (d / COMPLETE).is_file()),
-                          key=lambda d: step_of(d.name))
+        complete = complete_checkpoints(ckpt_dir)
         if complete:  # `latest` lost: name what is there rather than say nothing was saved
             raise CheckpointError(f"{ckpt_dir} has no '{LATEST}' file, but holds complete checkpoints; pass one, e.g. "
-                                  f"the newest: {complete[-1]}")
+                                  f"the newest: {complete[0]}")
     if (p / CHECKPOINTS).is_dir():
         raise CheckpointError(f"{p / CHECKPOINTS} has no '{LATEST}' file: no checkpoint of this run was "
                               f"completed; pass a checkpoint dir (e.g. {p / CHECKPOINTS / tag_for(100)})")
