@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lamda_pipe.data.batches import BatchFormat, Row, micro_batch, text_doc_ids
-from lamda_pipe.data.loader import DialogSplit, EpochOrder, MicroBatchStream, TextSplit
+from lamda_pipe.data.loader import DialogSplit, MicroBatchStream, TextSplit
 from lamda_pipe.data.packing import PackedExamples, pack
 from lamda_pipe.pipeline import lm_loss, weighted_lm_loss
 
@@ -70,12 +70,13 @@ def test_packed_rows_hold_each_example_once_per_epoch():
     rng = np.random.default_rng(3)
     tokens, mask, offsets = make_examples(rng, 120, 30)
     seq = 40
-    packed = PackedExamples(tokens, mask, offsets, seq, PAD, lambda n: EpochOrder(n, seed=5))
+    packed = PackedExamples(tokens, mask, offsets, seq, PAD, seed=5)
     seen = []
     for k in range(packed.num_samples):  # one epoch
         row = packed.row(k)
         assert row.tokens.shape == row.mask.shape == row.doc.shape == (seq + 1,)
         assert (np.diff(row.doc) >= 0).all()  # each document is one contiguous run
+        assert packed.targets(k) == int(row.mask[1:].sum())  # counted at packing time, without the row
         count = len(packed.rows[packed.order.index(k)])
         assert set(np.unique(row.doc).tolist()) <= set(range(count + 1))
         for d in range(count):
@@ -93,9 +94,10 @@ def test_packed_rows_hold_each_example_once_per_epoch():
 def test_an_example_longer_than_a_row_keeps_its_end():
     tokens = np.arange(1, 31)
     mask = np.r_[np.zeros(25, np.uint8), np.ones(5, np.uint8)]
-    packed = PackedExamples(tokens, mask, np.array([0, 30]), 9, PAD, lambda n: EpochOrder(n, seed=0))
+    packed = PackedExamples(tokens, mask, np.array([0, 30]), 9, PAD, seed=0)
     row = packed.row(0)
     assert row.tokens.tolist() == list(range(21, 31)) and row.mask.tolist() == [0] * 5 + [1] * 5
+    assert packed.targets(0) == 5
     assert packed.clipped == 1
 
 

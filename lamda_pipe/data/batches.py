@@ -68,11 +68,6 @@ def text_doc_ids(tokens: np.ndarray, eot: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(ends[:-1])])
 
 
-def target_count(row: Row) -> int:
-    """The row's target tokens among its labels (tokens 1..T)."""
-    return len(row.tokens) - 1 if row.mask is None else int(row.mask[1:].sum())
-
-
 def micro_batch(rows: Sequence[Row], fmt: BatchFormat, weight: float = 1.0):
     """(inputs, labels) of `rows` in `fmt`; `weight` is each target token's weight (accum * dp / N)."""
     tokens = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64))  # (B, T + 1)

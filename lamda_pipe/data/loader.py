@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .batches import PLAIN, BatchFormat, Row, micro_batch, target_count, text_doc_ids
+from .batches import PLAIN, BatchFormat, Row, micro_batch, text_doc_ids
 from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special tokens)
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -241,6 +241,9 @@ class ShuffledSamples:
         tokens = self[k]
         return Row(tokens, None, None if self.eot is None else text_doc_ids(tokens, self.eot))
 
+    def targets(self, k: int) -> int:
+        return self.seq_len  # every label of a text window is a target
+
 
 @dataclass(frozen=True)
 class TextSplit:
@@ -248,9 +251,6 @@ class TextSplit:
 
     tokens: np.ndarray
     eot: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
     def samples(self, seq_len: int, seed: int, shuffle: bool) -> ShuffledSamples:
         return ShuffledSamples(self.tokens, seq_len, seed, shuffle, self.eot)
@@ -265,13 +265,9 @@ class DialogSplit:
     offsets: np.ndarray
     pad_id: int
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
     def samples(self, seq_len: int, seed: int, shuffle: bool):
-        from .packing import PackedExamples
-        return PackedExamples(self.tokens, self.mask, self.offsets, seq_len, self.pad_id,
-                              lambda n: EpochOrder(n, seed, shuffle))
+        from .packing import PackedExamples  # which imports EpochOrder from here
+        return PackedExamples(self.tokens, self.mask, self.offsets, seq_len, self.pad_id, seed, shuffle)
 
 
 class Mixture:
@@ -346,7 +342,8 @@ class MicroBatchStream:
     def step_targets(self, first_slot: int) -> int:
         """Target tokens in the global batch of the step whose first slot is first_slot."""
         if self._targets is None or self._targets[0] != first_slot:
-            n = sum(target_count(self.slot_row(first_slot + j)) for j in range(self.accum * self.dp_size * self.mbs))
+            n = sum(self.sources[i].targets(k) for i, k in
+                    map(self.mixture.locate, range(first_slot, first_slot + self.accum * self.dp_size * self.mbs)))
             self._targets = (first_slot, n)
         return self._targets[1]
 

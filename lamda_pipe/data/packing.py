@@ -2,8 +2,8 @@
 
 Fixed shapes: every row is seq_len + 1 tokens, as plain text windows are (DeepSpeed's pipeline
 sends tensor shapes between stages once). Examples are placed into rows by best-fit decreasing
-(longest first, each into the row whose free space it fills most tightly, ties to the lowest
-row), which is deterministic and a pure function of the example lengths and seq_len, so every
+(longest first, each into the row whose free space it fills most tightly; among rows with the
+same free space, the one that reached it last), which is deterministic and a pure function of the example lengths and seq_len, so every
 rank computes the same rows and a resumed run finds them again. A row's free tail is padding:
 mask 0 (never a target) and a document of its own (attended to by nothing else).
 
@@ -12,6 +12,8 @@ are at the end of an example (data/dialog.py), and a context cut at the front is
 conversation gets in decoding too (dialog.fit_prompt).
 
 Rows are then drawn like text windows: epochs of a seeded permutation (loader.EpochOrder).
+Each row's count of target tokens is computed with the packing, so the loss weights of a step
+(data/batches.py) need no row built to count them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .batches import Row
+from .loader import EpochOrder
 
 
 def pack(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -29,7 +32,6 @@ def pack(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
     free_rows: list[list[int]] = [[] for _ in range(capacity + 1)]  # free space -> open rows (a stack)
     has_free = np.zeros(capacity + 1, dtype=bool)
     rows: list[list[int]] = []
-    free_of: list[int] = []
     for e in order:
         n = int(lengths[e])
         fit = np.flatnonzero(has_free[n:])  # rows with room for n, tightest first
@@ -40,10 +42,8 @@ def pack(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
         else:
             r, space = len(rows), capacity
             rows.append([])
-            free_of.append(capacity)
         rows[r].append(int(e))
         left = space - n
-        free_of[r] = left
         if left > 0:
             free_rows[left].append(r)
             has_free[left] = True
@@ -55,17 +55,25 @@ class PackedExamples:
     (epochs repeat, each in its own order)."""
 
     def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, seq_len: int, pad_id: int,
-                 order):
-        """order: loader.EpochOrder over the rows (built by the caller, who owns seeding)."""
+                 seed: int, shuffle: bool = True):
         self.tokens, self.mask, self.offsets = tokens, mask, np.asarray(offsets, dtype=np.int64)
         self.seq_len, self.pad_id = seq_len, pad_id
+        width = seq_len + 1
         lengths = np.diff(self.offsets)
-        self.rows = pack(lengths, seq_len + 1)
+        self.starts = np.maximum(self.offsets[:-1], self.offsets[1:] - width)  # an example clipped from the front
+        self.rows = pack(lengths, width)
         self.num_samples = len(self.rows)
         self.examples = len(lengths)
-        self.clipped = int((lengths > seq_len + 1).sum())  # examples that lose their oldest tokens
-        self.real_tokens = int(np.minimum(lengths, seq_len + 1).sum())
-        self.order = order(self.num_samples)
+        self.clipped = int((lengths > width).sum())  # examples that lose their oldest tokens
+        self.real_tokens = int(np.minimum(lengths, width).sum())
+        self.order = EpochOrder(self.num_samples, seed, shuffle)
+        # Targets per row: the examples' mask over what each keeps, less the row's first token,
+        # which is never a label.
+        csum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        kept = csum[self.offsets[1:]] - csum[self.starts]
+        first = np.cumsum([0] + [len(r) for r in self.rows[:-1]])
+        self.row_targets = (np.add.reduceat(kept[np.concatenate(self.rows)], first)
+                            - np.asarray(mask[self.starts[[r[0] for r in self.rows]]], dtype=np.int64))
 
     @property
     def fill(self) -> float:
@@ -80,8 +88,7 @@ class PackedExamples:
         at = 0
         examples = self.rows[self.order.index(k)]
         for d, e in enumerate(examples):
-            start, end = int(self.offsets[e]), int(self.offsets[e + 1])
-            start = max(start, end - width)  # clipped from the front
+            start, end = int(self.starts[e]), int(self.offsets[e + 1])
             n = end - start
             tokens[at:at + n] = self.tokens[start:end]
             mask[at:at + n] = self.mask[start:end]
@@ -89,3 +96,7 @@ class PackedExamples:
             at += n
         doc[at:] = len(examples)  # padding: a document of its own
         return Row(tokens, mask, doc)
+
+    def targets(self, k: int) -> int:
+        """Target tokens among the labels of row(k), without building it."""
+        return int(self.row_targets[self.order.index(k)])
