@@ -33,6 +33,7 @@ from .run_config import RunConfig
 from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
 from .run_report import describe_run, print_sample
 
+
 @dataclass(frozen=True)
 class Plan:
     """Everything decided before any process group starts."""
