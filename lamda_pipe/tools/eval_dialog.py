@@ -19,10 +19,11 @@ from pathlib import Path
 
 from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
-from .generate import _device, open_dialog, open_model, open_source
+from .generate import open_dialog, open_model, open_source
 
 
 def parse_args(argv):
+    from ..attention_kernels import ATTENTION_CHOICES  # imports torch, which this module defers
     from ..dialog_eval import MODES
 
     p = ArgumentParser(prog="lamda-eval-dialog", description=__doc__.split("\n\n")[0])
@@ -42,7 +43,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling modes (default 0)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--attention", default="auto", help="attention kernel (default auto)")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
+                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto)")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
@@ -64,7 +66,6 @@ def _run(argv) -> int:
 
     args = parse_args(argv)
     dialogs = read_dialogs(args.dialogs)[:args.limit]  # checked before the model is read
-    _device(args.device)
     src = open_source(args)
     dialog = open_dialog(src)
     if dialog is None:
