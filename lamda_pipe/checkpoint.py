@@ -132,27 +132,56 @@ def _free_bytes(path: Path) -> int:
 def validate(tag_dir: Path, deep: bool = True) -> RunRecord | None:
     """Checks a checkpoint folder before any process loads it: complete, every file present and,
     with deep=True, every file a readable archive (CRC-checked). Returns its run record (None for
-    a checkpoint without one, written by another tool)."""
+    a checkpoint without one, written by another tool). A multi-rank start checks structure with
+    deep=False on every rank and spreads the byte-level check: verify_archives(files_to_verify())."""
     record = RunRecord.read(tag_dir)
     if record is None:
         return None
-    fix = (f"resume from an earlier checkpoint (write its folder name into {tag_dir.parent / LATEST}) "
-           f"or start a new --run-dir")
     if not (tag_dir / COMPLETE).is_file():
-        raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE} marker: its save was interrupted); {fix}")
+        raise CheckpointError(f"{tag_dir} is incomplete (no {COMPLETE} marker: its save was interrupted); "
+                              f"{_resume_fix(tag_dir)}")
     for name in record.expected_files():
         path = tag_dir / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing from the checkpoint; {fix}")
-        if deep:
-            try:
-                with zipfile.ZipFile(path) as z:
-                    bad = z.testzip()
-            except (zipfile.BadZipFile, OSError) as e:
-                raise CheckpointError(f"{path} is damaged ({e}); {fix}") from None
-            if bad is not None:
-                raise CheckpointError(f"{path} is damaged (bad CRC in {bad}); {fix}")
+            raise CheckpointError(f"{path} is missing from the checkpoint; {_resume_fix(tag_dir)}")
+    if deep:
+        verify_archives(tag_dir, record.expected_files())
     return record
+
+
+def _resume_fix(tag_dir: Path) -> str:
+    return (f"resume from an earlier checkpoint (write its folder name into {tag_dir.parent / LATEST}) "
+            f"or start a new --run-dir")
+
+
+def verify_archives(tag_dir: Path, names: list[str]) -> None:
+    """Reads every byte of these files of a checkpoint and checks each archive member's CRC, so
+    that a damaged file is named before DeepSpeed unpickles it (deep in its load, as an
+    unreadable pickle or a size mismatch)."""
+    for name in names:
+        path = tag_dir / name
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path} is damaged ({e}); {_resume_fix(tag_dir)}") from None
+        if bad is not None:
+            raise CheckpointError(f"{path} is damaged (bad CRC in {bad}); {_resume_fix(tag_dir)}")
+
+
+def files_to_verify(record: RunRecord, bounds: tuple[int, ...], rank: int, world_size: int,
+                    change_layout: bool) -> list[str]:
+    """This rank's share of the byte-level check, so that a start reads the checkpoint once in
+    all, not once per rank. Ranks are numbered stage-major (rank = stage * D + replica, as
+    DeepSpeed's pipeline topology does): each checks its own optimizer shard, and the files that
+    all D replicas of its stage load are dealt out among them. Every file falls to exactly one
+    rank. A run that changes the layout loads through the universal conversion, which rank 0
+    runs over every file: rank 0 checks them all first."""
+    if change_layout or world_size != record.pipe_stages * record.data_parallel:
+        return record.expected_files() if rank == 0 else []
+    stage, replica = divmod(rank, record.data_parallel)
+    return (record.stage_files(stage, bounds)[replica::record.data_parallel]
+            + [record.optimizer_file(stage, replica)])
 
 
 def to_universal(tag_dir: Path) -> Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import Layout, ResumePoint, choose_checkpoint, complete_checkpoints, holds_checkpoints, validate
+from .checkpoint import (Layout, ResumePoint, choose_checkpoint, complete_checkpoints, files_to_verify, holds_checkpoints,
+                         validate, verify_archives)
 from .errors import CheckpointError, ConfigError
 from .run_format import TOKENIZER, RunRecord, step_of
 
@@ -42,14 +43,16 @@ def check_same_data(theirs: str | None, ours: str | None, tag_dir: Path, ours_is
 
 
 def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, layout: Layout,
-                 legacy_bounds: Callable[[RunRecord], list[int]], demo_data: bool = False) -> ResumePoint:
+                 legacy_bounds: Callable[[RunRecord], list[int]], demo_data: bool = False, rank: int = 0,
+                 world_size: int = 1) -> ResumePoint:
     """Checks the checkpoint to resume in load_dir against this run, before any process starts:
-    complete and undamaged, the same model, the same data (dirs, weights and tokenizer; with
+    complete and undamaged (this rank reads its share of the bytes, checkpoint.files_to_verify),
+    the same model, the same data (dirs, weights and tokenizer; with
     demo_data the run gives no --data). Without a usable `latest`, the newest complete
     checkpoint is taken (ResumePoint.note says so). legacy_bounds gives the stage bounds of a
     record written before they were recorded."""
     tag_dir, note = choose_checkpoint(Path(load_dir))
-    record = validate(tag_dir)
+    record = validate(tag_dir, deep=False)  # structure on every rank; the bytes below, spread over the ranks
     if record is None:
         return ResumePoint(tag_dir, None, None, False, note)
     if record.model_config != record_template.model_config:
@@ -70,7 +73,9 @@ def resume_point(load_dir: Path, *, preset: str, record_template: RunRecord, lay
     # ZeRO-1 keeps each stage's optimizer state as one flat buffer over that stage's layers:
     # another split (stage count, data parallel, or bounds moved by --seq-len or the
     # partitioner) cannot load it directly, only through the universal checkpoint.
-    return ResumePoint(tag_dir, record, saved, saved != layout, note)
+    change_layout = saved != layout
+    verify_archives(tag_dir, files_to_verify(record, saved.stage_bounds, rank, world_size, change_layout))
+    return ResumePoint(tag_dir, record, saved, change_layout, note)
 
 
 def check_no_overwrite(ckpt_dir: Path, load: Path | None, resumed: Path | None) -> None:

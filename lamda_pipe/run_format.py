@@ -16,8 +16,10 @@ answer to "which model is at this path".
 An export dir (export.py) holds model.safetensors, config.json and tokenizer.json.
 
 The run record is versioned. Version 1 is the layout lamda-pipe 0.1.0 wrote without a version
-key; a reader accepts every version up to its own and refuses a newer one with a message,
-so an old trainer never half-reads a record it does not understand.
+key; version 2 adds a data order (data/order.py) that version-1 readers do not know. A record
+is written with the lowest version that describes it, a reader accepts every version up to its
+own and refuses a newer one with a message, so an old trainer never half-reads a record it
+does not understand (nor resumes a run with other samples than it would have seen).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def layer_file(layer_idx: int) -> str:
     return f"layer_{layer_idx:02d}-model_states.pt"
 
 
+def stage_states_file(stage: int) -> str:
+    """DeepSpeed's per-stage engine state (no weights in a pipeline checkpoint)."""
+    return f"mp_rank_{stage:02d}_model_states.pt"
+
+
 def num_layer_files(cfg: ModelConfig) -> int:
     return cfg.depth + 2  # embedding, blocks, final norm; the tied head has no file of its own
 
@@ -66,7 +73,7 @@ class RunRecord:
     """A checkpoint's self-description (lamda_run.json): enough to check a resume before any
     process starts, to rebuild the plain model, and to continue the data where it stopped."""
 
-    VERSION = 1  # class constant, not a field: the version this code writes and reads up to
+    VERSION = 2  # class constant, not a field: the newest version this code writes and reads
 
     model_preset: str
     model_config: ModelConfig
@@ -93,13 +100,22 @@ class RunRecord:
     # Attention kept within documents on plain text (--document-mask); dialog data always is.
     # Absent: off, as every run before the flag.
     document_mask: bool = False
+    # The data order's version (data/order.py), kept for the whole run so that a resume sees
+    # exactly the samples an uninterrupted run would. Absent: 1, the order every run used before.
+    data_order: int = 1
+
+    @property
+    def format_version(self) -> int:
+        """The lowest version that describes this record: 2 only when its data order is one a
+        version-1 reader would not follow (it would resume with other samples); else 1."""
+        return 2 if self.data_order >= 2 else 1
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["model_config"] = self.model_config.to_dict()
         d["stage_bounds"] = None if self.stage_bounds is None else list(self.stage_bounds)
         d["skipped_samples"] = [list(r) for r in self.skipped_samples]
-        return json.dumps({"format_version": self.VERSION, **d}, indent=1)
+        return json.dumps({"format_version": self.format_version, **d}, indent=1)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = RUN_RECORD) -> "RunRecord":
@@ -140,12 +156,21 @@ class RunRecord:
 
     def expected_files(self) -> list[str]:
         """DeepSpeed's files for a pipeline checkpoint of this layout (names as in deepspeed 0.16+)."""
-        prefix = "bf16_" if self.bf16 else ""
         files = [layer_file(i) for i in range(num_layer_files(self.model_config))]
-        files += [f"mp_rank_{s:02d}_model_states.pt" for s in range(self.pipe_stages)]
-        files += [f"{prefix}zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt"
-                  for s in range(self.pipe_stages) for r in range(self.data_parallel)]
+        files += [stage_states_file(s) for s in range(self.pipe_stages)]
+        files += [self.optimizer_file(s, r) for s in range(self.pipe_stages) for r in range(self.data_parallel)]
         return files
+
+    def optimizer_file(self, stage: int, dp_rank: int) -> str:
+        """One data-parallel rank's ZeRO-1 shard of one stage's optimizer state."""
+        return f"{'bf16_' if self.bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt"
+
+    def stage_files(self, stage: int, bounds: tuple[int, ...]) -> list[str]:
+        """What every rank of one stage loads besides its own optimizer shard: the stage's engine
+        state and the weights of its layers (bounds: first layer of each stage, then the count;
+        the tied head past the last file has none of its own)."""
+        layers = range(bounds[stage], min(bounds[stage + 1], num_layer_files(self.model_config)))
+        return [stage_states_file(stage)] + [layer_file(i) for i in layers]
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:

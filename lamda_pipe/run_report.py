@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelConfig, param_count
+from .data.order import CURRENT
 from .run_format import resolve_model
 
 SAMPLE_MAX_PARAMS = 2_000_000_000  # above this, gathering the model on rank 0 for a sample is skipped
@@ -31,6 +32,9 @@ def describe_run(plan, sources, evaluator, train_stream) -> None:
     if sources[0].vocab_size < cfg.vocab_size:
         print(f"note: the data's tokenizer has {sources[0].vocab_size} tokens, the model {cfg.vocab_size}: "
               f"the extra embedding rows are never used", flush=True)
+    if plan.data_order != CURRENT:
+        print(f"data order: version {plan.data_order}, the one this run started with (new runs use version "
+              f"{CURRENT}; lamda_pipe/data/order.py)", flush=True)
     if not evaluator.streams:
         print("no validation: no data dir has a val split longer than --seq-len", flush=True)
 

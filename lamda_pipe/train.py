@@ -23,6 +23,7 @@ from .checkpoint import Layout, ResumePoint, holds_checkpoints
 from .config import ModelConfig
 from .data.batches import BatchFormat
 from .data.loader import open_sources
+from .data.order import CURRENT as ORDER_CURRENT
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
@@ -47,6 +48,7 @@ class Plan:
     resume: ResumePoint | None
     init_from: ModelPath | None
     fmt: BatchFormat  # what the micro-batches carry (data/batches.py), from the data and --document-mask
+    data_order: int  # data/order.py's version: a resumed run keeps its own, a new one takes the current
 
 
 def preflight(run: RunConfig) -> Plan:
@@ -61,9 +63,12 @@ def preflight(run: RunConfig) -> Plan:
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
     ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
     check_ds_config(ds)
-    batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
-                      cuda_available=cuda)
-    sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
+    env = launch_env(run.local_rank)
+    batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=env.world_size, cuda_available=cuda)
+    # Checks that read data or checkpoint bytes take this rank's share: a start reads them once in all.
+    share = dict(rank=env.rank, world_size=env.world_size)
+    sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len,
+                                                         **share)
     fmt = BatchFormat.for_data([s.kind for s in sources or ()], run.document_mask)
     bounds = tuple(stage_bounds(cfg, run.pipe_stages, run.seq_len, method=run.partition))
 
@@ -77,7 +82,7 @@ def preflight(run: RunConfig) -> Plan:
                               layout=Layout(run.pipe_stages, batch.data_parallel, bounds),
                               legacy_bounds=lambda r: stage_bounds(r.model_config, r.pipe_stages,
                                                                    method=LEGACY_PARTITION),
-                              demo_data=run.data is None)
+                              demo_data=run.data is None, **share)
     elif holds_checkpoints(ckpt_dir):
         raise ConfigError(f"--run-dir {run.run_dir} already holds checkpoints; to continue that run pass "
                           f"--resume auto (or --load {ckpt_dir}), or choose a new --run-dir (nothing was changed)")
@@ -85,9 +90,10 @@ def preflight(run: RunConfig) -> Plan:
     # A fine-tuning job that is requeued reruns its command: once the run has a checkpoint, that
     # checkpoint (weights, optimizer, data position) is where it continues, not --init-from.
     init_from = None if run.init_from is None or resume is not None else check_init_source(run.init_from, cfg)
+    data_order = resume.record.data_order if resume is not None and resume.record is not None else ORDER_CURRENT
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
-                resume, init_from, fmt)
+                resume, init_from, fmt, data_order)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -114,7 +120,8 @@ def check_writable(run_dir: Path) -> None:
             probe.unlink()
 
 
-def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShape, bounds, sources) -> RunRecord:
+def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShape, bounds, sources,
+                    data_order: int = ORDER_CURRENT) -> RunRecord:
     """This run's record with the step fields zero; the checkpointer fills them in at each save."""
     return RunRecord(model_preset=run.model, model_config=cfg, pipe_stages=run.pipe_stages,
                      data_parallel=batch.data_parallel, global_steps=0, samples_consumed=0,
@@ -122,7 +129,7 @@ def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShap
                      bf16=bool(ds.get("bf16", {}).get("enabled", False)), seq_len=run.seq_len,
                      data=run.data or str(run.run_dir / "data"),
                      tokenizer_sha256=sources[0].meta["tokenizer_sha256"] if sources else None, ds_config=ds,
-                     dialog=dialog_record(sources), document_mask=run.document_mask)
+                     dialog=dialog_record(sources), document_mask=run.document_mask, data_order=data_order)
 
 
 def dialog_record(sources) -> dict | None:
@@ -331,7 +338,7 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress):
     from .checkpoint import Checkpointer
 
     run = plan.run
-    record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources)
+    record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources, plan.data_order)
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
@@ -349,7 +356,8 @@ def data_streams(plan: Plan, sources, engine, progress=lambda: None):
 
     def stream(splits, shuffle, weights=None):
         return MicroBatchStream(splits, run.seq_len, batch.micro_batch_size, dp_rank, dp_size, seed=run.seed,
-                                shuffle=shuffle, weights=weights, fmt=plan.fmt, accum=batch.grad_accum_steps)
+                                shuffle=shuffle, weights=weights, fmt=plan.fmt, accum=batch.grad_accum_steps,
+                                order=plan.data_order)
 
     def split(source, name):
         return source.split(name, document_mask=run.document_mask)

@@ -7,7 +7,7 @@ import torch
 
 import dataclasses
 
-from lamda_pipe.checkpoint import begin_save, commit_save, validate
+from lamda_pipe.checkpoint import begin_save, commit_save, files_to_verify, validate
 from lamda_pipe.config import ModelConfig
 from lamda_pipe.errors import CheckpointError
 from lamda_pipe.metrics import drop_partial_last_line
@@ -99,3 +99,34 @@ def test_metrics_file_cut_mid_line_is_repaired(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "lo')
     drop_partial_last_line(path)
     assert path.read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("stages,dp", [(1, 1), (1, 4), (2, 1), (2, 3), (4, 2)])
+def test_each_checkpoint_file_is_verified_by_exactly_one_rank_that_loads_it(stages, dp):
+    """The byte-level check is spread over the ranks: together they read each file once, and
+    each rank reads only files it will load itself (its stage's files and its own optimizer
+    shard, with ranks numbered stage-major as DeepSpeed's pipeline topology numbers them)."""
+    import collections
+
+    cfg = ModelConfig(depth=6)
+    record = dataclasses.replace(INFO, model_config=cfg, pipe_stages=stages, data_parallel=dp)
+    layers = cfg.depth + 3  # embedding, blocks, final norm, tied head
+    bounds = tuple(layers * s // stages for s in range(stages)) + (layers,)
+    seen = collections.Counter()
+    for rank in range(stages * dp):
+        stage, replica = rank // dp, rank % dp
+        mine = files_to_verify(record, bounds, rank, stages * dp, change_layout=False)
+        loads = {f"mp_rank_{stage:02d}_model_states.pt",
+                 f"zero_pp_rank_{replica}_mp_rank_{stage:02d}_optim_states.pt",
+                 *(f"layer_{i:02d}-model_states.pt" for i in range(bounds[stage], bounds[stage + 1]))}
+        assert set(mine) <= loads, (rank, sorted(set(mine) - loads))
+        seen.update(mine)
+    assert sorted(seen) == sorted(record.expected_files()) and set(seen.values()) == {1}
+
+
+def test_a_run_that_changes_layout_verifies_everything_on_rank_0_which_converts():
+    record = dataclasses.replace(INFO, pipe_stages=2, data_parallel=2)
+    bounds = (0, 3, 5)
+    assert files_to_verify(record, bounds, 0, 2, change_layout=True) == record.expected_files()
+    assert files_to_verify(record, bounds, 1, 2, change_layout=True) == []
+    assert files_to_verify(record, bounds, 0, 8, change_layout=False) == record.expected_files()  # another world

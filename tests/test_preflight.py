@@ -262,3 +262,65 @@ def test_resume_behind_newer_complete_checkpoints_is_refused(tmp_path, launch_en
     assert snapshot(run_dir) == before
     (run_dir / "checkpoints" / "latest").write_text("global_step6")
     assert plan(run_dir, "--resume", "auto").resume.tag_dir.name == "global_step6"
+
+
+def test_a_resumed_run_keeps_the_data_order_it_started_with_and_a_new_run_takes_the_current(tmp_path, launch_env):
+    """Runs from before data order 2 (records without the key) resume in the randperm order, so
+    they see exactly the samples an uninterrupted run would; new runs use the keyed bijection."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lamda_pipe.data.order import CURRENT, FeistelPermutation, epoch_key
+    from lamda_pipe.train import data_streams
+
+    a = prepared(tmp_path, "a")
+    old, new = tmp_path / "old", tmp_path / "new"
+    fake_checkpoint(old, 2, data=str(a))  # RunRecord's default: a record without data_order
+    grid = SimpleNamespace(get_data_parallel_rank=lambda: 0, get_data_parallel_world_size=lambda: 1)
+    seq, tokens = 16, None
+    for run_dir, flags, version in ((old, ["--resume", "auto"], 1), (new, [], CURRENT)):
+        p = plan(run_dir, "--seq-len", str(seq), "--data", str(a), "--seed", "5", *flags)
+        assert p.data_order == version
+        stream, _ = data_streams(p, p.sources, SimpleNamespace(grid=grid))
+        tokens = np.asarray(p.sources[0].tokens("train"))
+        n = (len(tokens) - 1) // seq
+        if version == 1:  # the order as 0.1.0 drew it: one torch.randperm per epoch, seeded seed * 1_000_003 + epoch
+            windows = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003)).tolist()
+        else:
+            windows = [FeistelPermutation(n, epoch_key(5, 0))(k) for k in range(n)]
+        inputs, _ = stream.micro_batch(0)
+        mbs = p.batch.micro_batch_size
+        assert np.array_equal(inputs.numpy(), np.stack([tokens[w * seq:w * seq + seq] for w in windows[:mbs]]))
+
+
+def test_each_rank_verifies_its_own_share_of_checkpoint_and_data_bytes(tmp_path, launch_env, monkeypatch):
+    """Rank 0 of 2 (stage 0) passes a checkpoint whose stage-1 layer file is damaged, since it
+    never loads that file; rank 1 (stage 1) names it before any process group work. The same
+    for a bad token id in the second half of a split: only the rank whose slice holds it reads it."""
+    import json
+
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    tag = fake_checkpoint(run_dir, 2)
+    record = RunRecord.read(tag)
+    victim = record.stage_files(1, record.stage_bounds)[-1]
+    assert victim.startswith("layer_")
+    (tag / victim).write_bytes(b"garbage")
+    p = plan(run_dir, "--resume", "auto")
+    assert not p.resume.change_layout
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(CheckpointError, match=f"{victim} is damaged"):
+        plan(run_dir, "--resume", "auto")
+
+    a = prepared(tmp_path, "a")
+    meta = json.loads((a / "meta.json").read_text())
+    train = np.memmap(a / meta["splits"]["train"]["file"], dtype=meta["dtype"], mode="r+")
+    train[-2] = 5000
+    train.flush()
+    del train
+    with pytest.raises(ValueError, match="train.bin holds token id 5000"):
+        plan(tmp_path / "new", "--seq-len", "16", "--data", str(a))
+    monkeypatch.setenv("RANK", "0")
+    plan(tmp_path / "new", "--seq-len", "16", "--data", str(a))

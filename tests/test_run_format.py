@@ -31,9 +31,27 @@ def test_record_written_by_release_0_1_0_reads_as_version_1():
 
 def test_record_round_trips_with_its_version(tmp_path):
     record = RunRecord.from_dict(json.loads((RELEASE_0_1_0 / "lamda_run.json").read_text()))
+    assert record.data_order == 1  # 0.1.0's runs drew their samples in the randperm order
     (tmp_path / RUN_RECORD).write_text(record.to_json())
-    assert json.loads((tmp_path / RUN_RECORD).read_text())["format_version"] == RunRecord.VERSION
+    assert json.loads((tmp_path / RUN_RECORD).read_text())["format_version"] == 1  # still readable by 0.1.0
     assert RunRecord.read(tmp_path) == record
+
+
+def test_a_record_with_the_new_data_order_is_version_2_which_a_version_1_reader_refuses(tmp_path):
+    """A version-1 reader ignores keys it does not know: it would resume a data-order-2 run in the
+    randperm order, with other samples. Version 2 makes it refuse instead."""
+    record = dataclasses.replace(RunRecord.from_dict(json.loads((RELEASE_0_1_0 / "lamda_run.json").read_text())),
+                                 data_order=2)
+    (tmp_path / RUN_RECORD).write_text(record.to_json())
+    written = json.loads((tmp_path / RUN_RECORD).read_text())
+    assert (written["format_version"], written["data_order"]) == (2, 2)
+    assert RunRecord.read(tmp_path) == record
+
+    class VersionOneReader(RunRecord):
+        VERSION = 1
+
+    with pytest.raises(CheckpointError, match="format_version 2, newer than this lamda-pipe reads"):
+        VersionOneReader.from_dict(written)
 
 
 def test_a_newer_or_broken_record_is_refused_with_the_fix(tmp_path):

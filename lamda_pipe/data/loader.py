@@ -10,8 +10,9 @@ communicated or saved except one number, the samples consumed so far:
   fixed quota of every block (its weight, rounded by largest remainder) in a seeded order,
   so realised proportions match the weights to within 1/MIX_BLOCK at every block boundary.
 * (source, k) -> sample: the k-th sample of the source's endless sequence of epochs, each
-  epoch a seeded permutation of its rows: non-overlapping windows of seq_len + 1 tokens of
-  plain text, or a dialog dir's examples packed into rows of that length (data/packing.py).
+  epoch a seeded order of its rows (data/order.py: a keyed bijection, computed per position,
+  nothing built per epoch): non-overlapping windows of seq_len + 1 tokens of plain text, or
+  a dialog dir's examples packed into rows of that length (data/packing.py).
 * micro-batch m of data-parallel rank r takes slots offset + (m * dp_size + r) * mbs + j.
   Ranks never share a slot; first and last pipeline stage compute the same micro-batch; a
   resumed run passes offset = samples consumed and continues with the next unseen sample,
@@ -33,6 +34,8 @@ import torch
 
 from ..errors import DataError
 from .batches import PLAIN, BatchFormat, Row, micro_batch, text_doc_ids
+from .order import CURRENT, EpochOrder
+from .packing import PackedExamples
 from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special tokens)
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -160,8 +163,9 @@ class DataSource:
         return self.meta["splits"][split]
 
 
-def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSource]:
-    """Opens and checks every dir of a --data spec; refuses, one line each, what cannot train."""
+def open_sources(spec: str, *, model_vocab: int, seq_len: int, rank: int = 0, world_size: int = 1) -> list[DataSource]:
+    """Opens and checks every dir of a --data spec; refuses, one line each, what cannot train.
+    The token-id check reads this rank's share of each split (check_token_ids); the rest is meta."""
     from .prepare import read_meta
 
     sources = [DataSource(path, w, read_meta(path)) for path, w in parse_data_spec(spec)]
@@ -176,7 +180,7 @@ def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSourc
                 f"{s.directory} was prepared with a {s.vocab_size}-token vocabulary, more than the model's "
                 f"{model_vocab}: pass --vocab-size {s.vocab_size} (or a multiple of 64 above it), or prepare "
                 f"the data with a tokenizer of at most {model_vocab} tokens")
-        check_token_ids(s, model_vocab)
+        check_token_ids(s, model_vocab, rank, world_size)
         train_tokens = s.meta["splits"]["train"]["tokens"]
         if train_tokens < seq_len + 1:
             raise DataError(f"{s.directory} holds {train_tokens} training tokens, fewer than one sample of "
@@ -184,15 +188,18 @@ def open_sources(spec: str, *, model_vocab: int, seq_len: int) -> list[DataSourc
     return sources
 
 
-def check_token_ids(source: DataSource, model_vocab: int) -> None:
+def check_token_ids(source: DataSource, model_vocab: int, rank: int = 0, world_size: int = 1) -> None:
     """Every token id of every split is below the model's vocabulary (an id beyond it would be an
-    IndexError deep in the embedding, after start-up). A max over the memory map: it reads the
-    files once, at disk speed (docs/benchmarks.md, "Input checks at start-up")."""
+    IndexError deep in the embedding, after start-up). A max over the memory map, at disk speed
+    (docs/benchmarks.md, "Input checks at start-up"); each of world_size ranks reads its own
+    slice of each split, so a start reads the data once in all, not once per rank. A rank that
+    finds a bad id refuses before any process group work, and the launcher ends the others."""
     for split, info in source.meta["splits"].items():
         tokens = source.tokens(split)
-        if len(tokens) == 0:
+        start, end = share(len(tokens), rank, world_size)
+        if end <= start:
             continue
-        top = int(tokens.max())
+        top = int(tokens[start:end].max())
         if top >= model_vocab:
             own = (f"; the data's own tokenizer has only {source.vocab_size} ids, so the file is damaged or "
                    f"was written by another tool: prepare it again" if top >= source.vocab_size else "")
@@ -200,35 +207,25 @@ def check_token_ids(source: DataSource, model_vocab: int) -> None:
                             f"of {model_vocab} (ids 0..{model_vocab - 1}); pass --vocab-size {top + 1} or more{own}")
 
 
-class EpochOrder:
-    """Sample k of an endless sequence of epochs over n samples -> which of the n it is: each
-    epoch a seeded permutation (or the identity without shuffling)."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation): the latest only
-
-    def index(self, k: int) -> int:
-        epoch, pos = divmod(k, self.n)
-        if not self.shuffle:
-            return pos
-        if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.n, generator=g))
-        return int(self._order[1][pos])
+def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's contiguous slice [start, end) of n items split over world_size ranks: the slices
+    are disjoint, cover [0, n), and differ in length by at most one."""
+    return n * rank // world_size, n * (rank + 1) // world_size
 
 
 class ShuffledSamples:
     """Sample k of an endless sequence of epochs over one token array's seq_len+1 windows."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True, eot: int | None = None):
-        """eot: the end-of-text id, to give rows document indices (--document-mask); None: no doc."""
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True, eot: int | None = None,
+                 order: int = CURRENT):
+        """eot: the end-of-text id, to give rows document indices (--document-mask); None: no doc.
+        order: the data order's version (data/order.py)."""
         self.tokens, self.seq_len, self.eot = tokens, seq_len, eot
         self.num_samples = (len(tokens) - 1) // seq_len
         if self.num_samples < 1:
             raise ValueError(f"the data holds {len(tokens)} tokens, fewer than one sample of seq_len+1 = "
                              f"{seq_len + 1}; use a shorter --seq-len or more data")
-        self.order = EpochOrder(self.num_samples, seed, shuffle)
+        self.order = EpochOrder(self.num_samples, seed, shuffle, order)
 
     def window(self, k: int) -> int:
         return self.order.index(k)
@@ -252,8 +249,8 @@ class TextSplit:
     tokens: np.ndarray
     eot: int | None = None
 
-    def samples(self, seq_len: int, seed: int, shuffle: bool) -> ShuffledSamples:
-        return ShuffledSamples(self.tokens, seq_len, seed, shuffle, self.eot)
+    def samples(self, seq_len: int, seed: int, shuffle: bool, order: int = CURRENT) -> ShuffledSamples:
+        return ShuffledSamples(self.tokens, seq_len, seed, shuffle, self.eot, order)
 
 
 @dataclass(frozen=True)
@@ -265,9 +262,8 @@ class DialogSplit:
     offsets: np.ndarray
     pad_id: int
 
-    def samples(self, seq_len: int, seed: int, shuffle: bool):
-        from .packing import PackedExamples  # which imports EpochOrder from here
-        return PackedExamples(self.tokens, self.mask, self.offsets, seq_len, self.pad_id, seed, shuffle)
+    def samples(self, seq_len: int, seed: int, shuffle: bool, order: int = CURRENT):
+        return PackedExamples(self.tokens, self.mask, self.offsets, seq_len, self.pad_id, seed, shuffle, order)
 
 
 class Mixture:
@@ -311,18 +307,19 @@ class MicroBatchStream:
 
     `splits` is one split or a list of them (a mixture, with `weights`): a TextSplit or
     DialogSplit, or a bare token array (plain text). `accum` (micro-batches per optimizer step)
-    is needed for loss weights only: they normalise over the step's global batch.
+    is needed for loss weights only: they normalise over the step's global batch. `order` is the
+    data order's version (data/order.py): a resumed run passes the one its record names.
     """
 
     def __init__(self, splits, seq_len: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, shuffle: bool = True, weights: Sequence[float] | None = None,
-                 fmt: BatchFormat = PLAIN, accum: int = 1):
+                 fmt: BatchFormat = PLAIN, accum: int = 1, order: int = CURRENT):
         splits = list(splits) if isinstance(splits, (list, tuple)) else [splits]
         splits = [TextSplit(s) if isinstance(s, np.ndarray) else s for s in splits]
         weights = list(weights) if weights is not None else [1.0 / len(splits)] * len(splits)
         if len(weights) != len(splits):
             raise ValueError(f"{len(splits)} token arrays but {len(weights)} weights")
-        self.sources = [s.samples(seq_len, seed + 104_729 * i, shuffle) for i, s in enumerate(splits)]
+        self.sources = [s.samples(seq_len, seed + 104_729 * i, shuffle, order) for i, s in enumerate(splits)]
         self.mixture = Mixture(weights, seed)
         self.seq_len, self.mbs, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
         self.fmt, self.accum = fmt, accum

@@ -11,7 +11,7 @@ An example longer than a row loses its oldest tokens (the start of its context):
 are at the end of an example (data/dialog.py), and a context cut at the front is what a long
 conversation gets in decoding too (dialog.fit_prompt).
 
-Rows are then drawn like text windows: epochs of a seeded permutation (loader.EpochOrder).
+Rows are then drawn like text windows: epochs in a seeded order (order.EpochOrder).
 Each row's count of target tokens is computed with the packing, so the loss weights of a step
 (data/batches.py) need no row built to count them.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .batches import Row
-from .loader import EpochOrder
+from .order import CURRENT, EpochOrder
 
 
 def pack(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -55,7 +55,7 @@ class PackedExamples:
     (epochs repeat, each in its own order)."""
 
     def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, seq_len: int, pad_id: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, order: int = CURRENT):
         self.tokens, self.mask, self.offsets = tokens, mask, np.asarray(offsets, dtype=np.int64)
         self.seq_len, self.pad_id = seq_len, pad_id
         width = seq_len + 1
@@ -66,7 +66,7 @@ class PackedExamples:
         self.examples = len(lengths)
         self.clipped = int((lengths > width).sum())  # examples that lose their oldest tokens
         self.real_tokens = int(np.minimum(lengths, width).sum())
-        self.order = EpochOrder(self.num_samples, seed, shuffle)
+        self.order = EpochOrder(self.num_samples, seed, shuffle, order)
         # Targets per row: the examples' mask over what each keeps, less the row's first token,
         # which is never a label.
         csum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
