@@ -59,8 +59,7 @@ def preflight(run: RunConfig) -> Plan:
     cfg = run.model_config
     cuda = torch.cuda.is_available()
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
-    ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
-    check_ds_config(ds)
+    ds = run_ds_config(run, cuda)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
                       cuda_available=cuda)
     sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
@@ -88,6 +87,42 @@ def preflight(run: RunConfig) -> Plan:
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
                 resume, init_from, fmt)
+
+
+def run_ds_config(run: RunConfig, cuda: bool) -> dict:
+    """The run's DeepSpeed JSON (--deepspeed_config, else the shipped one for this hardware), checked."""
+    import torch
+
+    ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
+    check_ds_config(ds)
+    return ds
+
+
+def dry_run(run: RunConfig) -> int:
+    """--dry-run: the plan of exactly this run (lamda_pipe/plan.py), printed by rank 0; nothing starts."""
+    import torch
+
+    from .attention_kernels import check_request
+    from .metrics import peak_tflops_for
+    from .plan import GPU_RESERVED_GIB, GiB, MEASURED_MFU, MEASURED_MFU_SOURCE, layout_from_ds, plan_stages, timing
+    from .tools.plan import describe
+
+    cfg, cuda = run.model_config, torch.cuda.is_available()
+    check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
+    env = launch_env(run.local_rank)
+    layout = layout_from_ds(run_ds_config(run, cuda), pipe_stages=run.pipe_stages, world_size=env.world_size,
+                            seq_len=run.seq_len, partition=run.partition, attention=run.attention,
+                            cuda_available=cuda)
+    memory, peak = None, run.peak_tflops
+    if cuda:
+        memory = torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED_GIB * GiB
+        peak = peak or peak_tflops_for(torch.cuda.get_device_name())
+    stages = plan_stages(cfg, layout, "cuda" if cuda else "cpu")
+    plan_time = timing(cfg, layout, stages, peak, MEASURED_MFU) if peak else None
+    if env.rank == 0:
+        print("\n".join(describe(cfg, run.model, layout, stages, memory, plan_time,
+                                 f"measured: {MEASURED_MFU_SOURCE}", None)), flush=True)
+    return 0
 
 
 def check_writable(run_dir: Path) -> None:
@@ -148,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
     job = watch_from_start()  # before the slow start-up: a launcher that dies meanwhile is noticed
     try:
-        plan = preflight(RunConfig.from_argv(argv))
+        run = RunConfig.from_argv(argv)
+        if run.dry_run:
+            return dry_run(run)
+        plan = preflight(run)
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
