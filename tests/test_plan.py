@@ -160,7 +160,9 @@ def test_plan_prints_stages_time_and_verdict(capsys):
     status, out, err = run_tool(capsys, "--model", "lamda-137b", "--device", "tpu-v3", "--gpus", "1024",
                                 "--pipe-stages", "16", "--batch-tokens", "262144", "--tokens", "2.81e12")
     assert status == 0 and err == ""
-    assert out.count("\n| ") >= 16 + 8  # one row per stage, then the search's rows
+    assert "\n| 0 | [0, 5) | 4 | 8.85B |" in out  # embedding + 4 blocks
+    assert "\n| 1-14 | [5, 61) | 4 | 8.59B |" in out  # stages alike share a row
+    assert "\n| 15 | [61, 67) | 4 | 8.85B |" in out  # 4 blocks + norm + head
     assert "bubble: (P - 1) / (m + P - 1) = 15/17" in out
     assert "51.9% MFU (measured: lamda-2b on one H200" in out
     assert "does NOT fit" in out and "best first" in out

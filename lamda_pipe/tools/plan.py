@@ -38,14 +38,21 @@ def describe(cfg: ModelConfig, name: str, layout: P.Layout, stages: list[P.Stage
            "",
            "| stage | layers | blocks | params | weights | grads | optimizer | activations | other | peak | peak in |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []  # [first stage, last stage, layers, the rest of the row]
     for s in stages:
         b = s.bytes
         other = s.peak - b["weights"] - b["gradients"] - b["optimizer"] - (
             b["activations"] if s.peak_in == "backward" else 0)
-        out.append(f"| {s.index} | [{s.layers[0]}, {s.layers[1]}) | {s.blocks} | {count(s.params)} | "
-                   f"{size(b['weights'])} | {size(b['gradients'])} | {size(b['optimizer'])} | "
-                   f"{size(b['activations'])} ({s.in_flight} in flight) | {size(other)} | {size(s.peak)} | "
-                   f"{s.peak_in} |")
+        rest = (f"{s.blocks} | {count(s.params)} | {size(b['weights'])} | {size(b['gradients'])} | "
+                f"{size(b['optimizer'])} | {size(b['activations'])} ({s.in_flight} in flight) | {size(other)} | "
+                f"{size(s.peak)} | {s.peak_in} |")
+        if rows and rows[-1][3] == rest:  # stages alike in every column share a row
+            rows[-1][1], rows[-1][2] = s.index, (rows[-1][2][0], s.layers[1])
+        else:
+            rows.append([s.index, s.index, s.layers, rest])
+    for first, last, layers, rest in rows:
+        which = str(first) if first == last else f"{first}-{last}"
+        out.append(f"| {which} | [{layers[0]}, {layers[1]}) | {rest}")
     worst = max(stages, key=lambda s: s.peak)
     out += ["", f"parameters: {count(sum(s.params for s in stages))} over the stages "
                 f"({count(param_count(cfg))} in the model; the tied embedding is on both end stages)",
