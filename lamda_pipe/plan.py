@@ -154,16 +154,17 @@ def block_activations(cfg: ModelConfig, tokens: int, seq_len: int, kernel: str, 
         sdpa (math path: a bias that needs a gradient): q and k scaled, v and the output made
                 contiguous (4 * inner_dim) and the softmax probabilities (heads * T)
         cpu_flash / flex: q, k, v (views of one 3 * inner_dim output), the attention output and
-                its copy for the output projection (5 * inner_dim), and two fp32 logsumexps
-                (heads each)
-    plus two fp32 rsqrt values per token (the norms).
+                its copy for the output projection (5 * inner_dim), and the fp32 logsumexp
+                (heads; cpu_flash keeps a second one, shifted by the bias it left out)
+    plus two fp32 rsqrt values per token (the norms). This is the eager forward; a block under
+    torch.compile may recompute some of it in backward instead of keeping it.
     """
     d, ff, inner, h = cfg.dim, cfg.d_ff, cfg.inner_dim, cfg.heads
     per_token = w * (6 * d + 4 * ff) + 4 * 2
     if kernel == "sdpa":
         per_token += w * (4 * inner + h * seq_len)
     else:
-        per_token += w * 5 * inner + 4 * 2 * h
+        per_token += w * 5 * inner + 4 * h * (2 if kernel == "cpu_flash" else 1)
     return tokens * per_token
 
 
@@ -230,14 +231,15 @@ def plan_stages(cfg: ModelConfig, layout: Layout, device_kind: str = "cuda") -> 
         else:
             per_mb, recomputed = blocks * block_act, 0
         if last:  # final norm (x * rsqrt and output) and the fp32 log-softmax the loss keeps
-            per_mb += 2 * hidden + 4 * tok * cfg.vocab_size + (4 * tok * cfg.vocab_size if w != 4 else 0)
+            per_mb += 2 * hidden + 4 * tok * cfg.vocab_size
         b["activations"] = k * per_mb
         # A block's backward: the recomputed block (checkpointing) and the gradients of the
         # GEGLU's value|gate and of its product. The loss' backward, before any block's, holds
-        # two fp32 (b, T, vocab) gradients. The larger of the two is the workspace.
+        # two fp32 (b, T, vocab) gradients (and their cast to w bytes when w < 4). The larger
+        # of the two is the workspace.
         ws = recomputed + w * tok * 3 * cfg.d_ff
         if last:
-            ws = max(ws, 2 * 4 * tok * cfg.vocab_size)
+            ws = max(ws, (8 + (w if w != 4 else 0)) * tok * cfg.vocab_size)
         b["backward workspace"] = ws
         # After the last backward, while the gradients still exist: the all-reduce of the
         # gradients flattens them into buckets of up to reduce_bucket_size elements (also at
