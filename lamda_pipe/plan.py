@@ -331,6 +331,9 @@ def layout_from_ds(ds: dict, *, pipe_stages: int, world_size: int, seq_len: int,
 
     batch = check_run(ds, pipe_stages=pipe_stages, world_size=world_size, cuda_available=cuda_available)
     zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) != 1:
+        raise ConfigError(f"the planner models ZeRO stage 1 (the shipped configs) and this DeepSpeed config has "
+                          f"stage {zero.get('stage', 0)}; plan it with \"zero_optimization\": {{\"stage\": 1}}")
     precision = ("bf16" if ds.get("bf16", {}).get("enabled") else
                  "fp16" if ds.get("fp16", {}).get("enabled") else "fp32")
     return Layout(pipe_stages, batch.data_parallel, batch.micro_batch_size, batch.grad_accum_steps, seq_len,

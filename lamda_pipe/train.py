@@ -59,7 +59,8 @@ def preflight(run: RunConfig) -> Plan:
     cfg = run.model_config
     cuda = torch.cuda.is_available()
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
-    ds = run_ds_config(run, cuda)
+    ds = load_config(run_ds_path(run, cuda))
+    check_ds_config(ds)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=launch_env(run.local_rank).world_size,
                       cuda_available=cuda)
     sources = None if run.data is None else open_sources(run.data, model_vocab=cfg.vocab_size, seq_len=run.seq_len)
@@ -89,13 +90,11 @@ def preflight(run: RunConfig) -> Plan:
                 resume, init_from, fmt)
 
 
-def run_ds_config(run: RunConfig, cuda: bool) -> dict:
-    """The run's DeepSpeed JSON (--deepspeed_config, else the shipped one for this hardware), checked."""
+def run_ds_path(run: RunConfig, cuda: bool) -> Path:
+    """The run's DeepSpeed JSON: --deepspeed_config, else the shipped one for this hardware."""
     import torch
 
-    ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
-    check_ds_config(ds)
-    return ds
+    return run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported())
 
 
 def dry_run(run: RunConfig) -> int:
@@ -110,7 +109,10 @@ def dry_run(run: RunConfig) -> int:
     cfg, cuda = run.model_config, torch.cuda.is_available()
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
     env = launch_env(run.local_rank)
-    layout = layout_from_ds(run_ds_config(run, cuda), pipe_stages=run.pipe_stages, world_size=env.world_size,
+    path = run_ds_path(run, cuda)
+    ds = load_config(path)
+    check_ds_config(ds)
+    layout = layout_from_ds(ds, pipe_stages=run.pipe_stages, world_size=env.world_size,
                             seq_len=run.seq_len, partition=run.partition, attention=run.attention,
                             cuda_available=cuda)
     memory, peak = None, run.peak_tflops
@@ -120,6 +122,8 @@ def dry_run(run: RunConfig) -> int:
     stages = plan_stages(cfg, layout, "cuda" if cuda else "cpu")
     plan_time = timing(cfg, layout, stages, peak, MEASURED_MFU) if peak else None
     if env.rank == 0:
+        print(f"dry run: the plan of this run (DeepSpeed config {path}, world size {env.world_size}); "
+              f"nothing was started", flush=True)
         print("\n".join(describe(cfg, run.model, layout, stages, memory, plan_time,
                                  f"measured: {MEASURED_MFU_SOURCE}", None)), flush=True)
     return 0

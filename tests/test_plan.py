@@ -202,3 +202,17 @@ def test_dry_run_prints_the_plan_and_starts_nothing(capsys, tmp_path, monkeypatc
     assert not run_dir.exists()
     import torch.distributed as dist
     assert not dist.is_initialized()
+
+
+def test_dry_run_refuses_a_zero_stage_it_does_not_model(capsys, tmp_path, monkeypatch):
+    from lamda_pipe.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tmp_path / "zero0.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
+                                  "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}))
+    assert main(["--dry-run", "--deepspeed_config", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("ds_train.py: error: the planner models ZeRO stage 1") and captured.err.count("\n") == 1
+    assert "dry run" not in captured.out and not (tmp_path / "run").exists()

@@ -107,8 +107,9 @@ def parser() -> ArgumentParser:
                    help="micro-batches per step (default: from --batch-tokens, else 4 x P)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="default bf16 on accelerators, fp32 on --device cpu")
-    p.add_argument("--checkpoint", type=int, default=1, metavar="INTERVAL",
-                   help="activation_checkpoint_interval (default 1, as the GPU configs; 0: off)")
+    p.add_argument("--checkpoint", type=int, default=None, metavar="INTERVAL",
+                   help="activation_checkpoint_interval, 0: off (default as the shipped configs: 1 on "
+                        "accelerators, 0 on --device cpu)")
     p.add_argument("--device", default=None, help=f"one of {', '.join(P.devices())}")
     p.add_argument("--device-memory", type=float, default=None, metavar="GIB", help="memory per device in GiB")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="X",
@@ -169,7 +170,8 @@ def _run(argv) -> int:
     else:
         m = args.grad_accum or 4 * p
     precision = args.precision or ("fp32" if kind == "cpu" else "bf16")
-    layout = P.Layout(p, dp, args.micro_batch, m, seq, precision, args.checkpoint)
+    checkpoint = args.checkpoint if args.checkpoint is not None else (0 if kind == "cpu" else 1)
+    layout = P.Layout(p, dp, args.micro_batch, m, seq, precision, checkpoint)
     memory, peak = machine(args, device)
     mfu = args.mfu if args.mfu is not None else P.MEASURED_MFU
     source = "given" if args.mfu is not None else f"measured: {P.MEASURED_MFU_SOURCE}"
