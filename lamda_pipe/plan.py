@@ -24,10 +24,13 @@ ZeRO-1 with the pipeline engine:
   inside a step, on top
     gradients          w * n       param.grad, accumulated over the m micro-batches
     activations        k = min(P - s, m) micro-batches in flight on stage s under 1F1B, each
-                       holding what autograd saved (block_activations) or, with activation
-                       checkpointing, each block's input only, plus one block recomputed
-    backward workspace the gradients being formed: the loss' 2 fp32 (b, T, vocab) tensors on
-                       the last stage; in a block, the feed-forward's input gradients
+                       holding what autograd saved (block_activations) or, for a run of
+                       blocks under activation checkpointing (checkpointed_runs), the run's
+                       input; on the last stage also the
+                       final norm's and the loss' fp32 log-softmax
+    backward workspace the larger of: a block's backward (the run of blocks recomputed, with
+                       checkpointing, and the feed-forward's input gradients) and, on the last
+                       stage, the loss' two fp32 (b, T, vocab) gradients
     gradient reduction w * min(n, reduce_bucket_size): the gradients flattened into one
                        bucket for the data-parallel all-reduce (done at D = 1 too)
     optimizer step     4 * n / D   the fp32 gradient partition ZeRO builds for the step (from
@@ -104,7 +107,7 @@ class Layout:
     seq_len: int  # T
     precision: str = "bf16"  # fp32, bf16 or fp16 (fp32 master weights with the last two)
     checkpoint: int = 0  # activation_checkpoint_interval; 0: off
-    contiguous_gradients: bool = False
+    contiguous_gradients: bool = False  # these two as in the shipped configs
     reduce_bucket_size: int = 50_000_000
     partition: str = "flops"
     attention: str = "auto"  # the kernel asked for (--attention); the planned one follows its rules
@@ -181,6 +184,18 @@ def stage_params(cfg: ModelConfig, bounds: list[int]) -> list[int]:
     return out
 
 
+def checkpointed_runs(cfg: ModelConfig, start: int, stop: int, interval: int) -> list[int]:
+    """Blocks in each run of layers [start, stop) that DeepSpeed checkpoints: PipelineModule
+    walks a stage's layers in runs of `interval` and checkpoints a run only if every layer in it
+    is a block (build_pipeline's checkpointable_layers), so a run that also holds the
+    embedding, the final norm or the head runs as usual."""
+    if not interval:
+        return []
+    layers = range(start, stop)
+    runs = [layers[i:i + interval] for i in range(0, len(layers), interval)]
+    return [len(r) for r in runs if all(1 <= i <= cfg.depth for i in r)]
+
+
 def check_layout(cfg: ModelConfig, layout: Layout) -> None:
     if layout.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision {layout.precision!r}: choose fp32, bf16 or fp16")
@@ -213,7 +228,8 @@ def plan_stages(cfg: ModelConfig, layout: Layout, device_kind: str = "cuda") -> 
         last = s == p - 1
         k = min(p - s, m)
         stage = Stage(s, (start, stop), blocks, n, k)
-        stage.flops_per_token = sum(flops[start:stop]) + (blocks * recompute if layout.checkpoint else 0)
+        runs = checkpointed_runs(cfg, start, stop, layout.checkpoint)
+        stage.flops_per_token = sum(flops[start:stop]) + sum(runs) * recompute
         out_bytes = logits if last else hidden
         in_bytes = hidden if s > 0 else 8 * tok  # tokens (int64) on stage 0
         b = stage.bytes
@@ -224,12 +240,10 @@ def plan_stages(cfg: ModelConfig, layout: Layout, device_kind: str = "cuda") -> 
                              + (hidden if not last else 0))
         b["caches"] = 9 * t * t + (blocks * cfg.heads * t * t * w if kernel == "cpu_flash" else 0)
         b["gradients"] = w * n
-        if layout.checkpoint:
-            # each block's input per micro-batch in flight, and one block recomputed in backward
-            per_mb = blocks * hidden
-            recomputed = block_act
-        else:
-            per_mb, recomputed = blocks * block_act, 0
+        # a checkpointed run keeps only its input per micro-batch in flight, and is recomputed
+        # (one run at a time) in backward; blocks outside such runs keep everything
+        per_mb = len(runs) * hidden + (blocks - sum(runs)) * block_act
+        recomputed = max(runs, default=0) * block_act
         if last:  # final norm (x * rsqrt and output) and the fp32 log-softmax the loss keeps
             per_mb += 2 * hidden + 4 * tok * cfg.vocab_size
         b["activations"] = k * per_mb

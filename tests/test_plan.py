@@ -179,6 +179,8 @@ def test_plan_prints_stages_time_and_verdict(capsys):
     (["--device-memory", "0"], "--device-memory must be > 0"),
     (["--device", "h200", "--peak-tflops", "-1"], "--peak-tflops must be > 0"),
     (["--seq-len", "4096"], "--seq-len 4096 is outside 1..2048"),
+    (["--gpus", "0"], "--gpus must be >= 1"),
+    (["--search", "--device-memory", "80"], "--search ranks layouts by fit and time: give --device"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(capsys, argv, problem):
     status, out, err = run_tool(capsys, *argv)
@@ -216,3 +218,12 @@ def test_dry_run_refuses_a_zero_stage_it_does_not_model(capsys, tmp_path, monkey
     captured = capsys.readouterr()
     assert captured.err.startswith("ds_train.py: error: the planner models ZeRO stage 1") and captured.err.count("\n") == 1
     assert "dry run" not in captured.out and not (tmp_path / "run").exists()
+
+
+def test_checkpointed_runs_are_runs_of_blocks_only():
+    debug, readme = get_preset("debug"), get_preset("readme")  # layers: 0 embedding, 1..depth blocks, norm, head
+    assert P.checkpointed_runs(debug, 0, 7, 0) == []
+    assert P.checkpointed_runs(debug, 0, 7, 1) == [1, 1, 1, 1]
+    assert P.checkpointed_runs(debug, 0, 7, 2) == [2]  # [0 1] [2 3] [4 5] [6]: one run of blocks alone
+    assert P.checkpointed_runs(readme, 0, 8, 3) == [3, 2]  # [0 1 2] [3 4 5] [6 7]
+    assert P.checkpointed_runs(readme, 8, 15, 5) == [5]  # [8..12] blocks, then [13 14]: norm and head

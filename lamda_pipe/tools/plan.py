@@ -98,8 +98,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's maximum)")
     p.add_argument("--pipe-stages", type=int, default=1, metavar="P", help="pipeline stages (default 1)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
-                   help="devices in all, P x data parallel (default P); with --batch-tokens the search over layouts "
-                        "uses this count")
+                   help="devices in all, P x data parallel (default P); the layout search keeps this count and "
+                        "the global batch")
     p.add_argument("--batch-tokens", type=float, default=None, metavar="TOKENS",
                    help="global batch in tokens (a multiple of --seq-len); default: micro-batch x grad-accum x D")
     p.add_argument("--micro-batch", type=int, default=1, metavar="B", help="sequences per micro-batch (default 1)")
@@ -150,7 +150,9 @@ def _run(argv) -> int:
     p = args.pipe_stages
     from ..pipeline import check_stage_count
     check_stage_count(cfg, p)
-    gpus = args.gpus or p
+    gpus = p if args.gpus is None else args.gpus
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if gpus % p:
         raise ConfigError(f"--pipe-stages {p} does not divide --gpus {gpus}: use a multiple of {p} devices")
     dp = gpus // p
@@ -173,6 +175,9 @@ def _run(argv) -> int:
     checkpoint = args.checkpoint if args.checkpoint is not None else (0 if kind == "cpu" else 1)
     layout = P.Layout(p, dp, args.micro_batch, m, seq, precision, checkpoint)
     memory, peak = machine(args, device)
+    if args.search and (memory is None or peak is None):
+        raise ConfigError("--search ranks layouts by fit and time: give --device, or --device-memory GIB and "
+                          "--peak-tflops X")
     mfu = args.mfu if args.mfu is not None else P.MEASURED_MFU
     source = "given" if args.mfu is not None else f"measured: {P.MEASURED_MFU_SOURCE}"
     stages = P.plan_stages(cfg, layout, kind)
