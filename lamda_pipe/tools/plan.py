@@ -10,6 +10,7 @@ allocated, no process started; the model of each term is in lamda_pipe/plan.py).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import plan as P
@@ -197,5 +198,12 @@ def main(argv=None) -> int:
     return run_cli(_run, argv, prog="lamda-plan")
 
 
+def cli() -> int:
+    """The console script: a planning process uses no device, so DeepSpeed (imported for the
+    trainer's stage partition) is told so instead of probing for one and warning on CPU hosts."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
