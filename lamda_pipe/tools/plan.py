@@ -31,7 +31,7 @@ def describe(cfg: ModelConfig, name: str, layout: P.Layout, stages: list[P.Stage
              timing: P.Timing | None, mfu_source: str, tokens: float | None) -> list[str]:
     """The plan as lines of text: layout, one row per stage, bubble, time, verdict."""
     lo = layout
-    ckpt = f"activation checkpointing every {lo.checkpoint} block(s)" if lo.checkpoint else "no activation checkpointing"
+    ckpt = f"activation checkpointing (interval {lo.checkpoint})" if lo.checkpoint else "no activation checkpointing"
     out = [f"model {name}: {count(param_count(cfg))} parameters, seq {lo.seq_len}",
            f"layout: {lo.stages} stage(s) x {lo.data_parallel} data-parallel = {lo.world_size} device(s); "
            f"micro-batch {lo.micro_batch} x {lo.grad_accum} micro-batches x {lo.data_parallel} = {lo.global_batch} "
@@ -55,10 +55,16 @@ def describe(cfg: ModelConfig, name: str, layout: P.Layout, stages: list[P.Stage
         which = str(first) if first == last else f"{first}-{last}"
         out.append(f"| {which} | [{layers[0]}, {layers[1]}) | {rest}")
     worst = max(stages, key=lambda s: s.peak)
-    out += ["", f"parameters: {count(sum(s.params for s in stages))} over the stages "
-                f"({count(param_count(cfg))} in the model; the tied embedding is on both end stages)",
+    slowest = max(stages, key=lambda s: s.flops_per_token)
+    even = sum(s.flops_per_token for s in stages) / len(stages)
+    out += ["", "other: DeepSpeed's pipe buffers, position caches, and the backward's workspace or, at a "
+                "reduce/optimizer peak, the flattened gradients (lamda_pipe/plan.py)",
+            f"parameters: {count(sum(s.params for s in stages))} over the stages "
+            f"({count(param_count(cfg))} in the model; the tied embedding is on both end stages)",
             f"bubble: (P - 1) / (m + P - 1) = {lo.stages - 1}/{lo.grad_accum + lo.stages - 1} = "
-            f"{P.bubble(lo.stages, lo.grad_accum):.1%} of each step"]
+            f"{P.bubble(lo.stages, lo.grad_accum):.1%} of each step",
+            f"pace: stage {slowest.index} is the slowest, {slowest.flops_per_token / even - 1:.1%} above an even "
+            f"share of the FLOPs; every micro-batch slot lasts as long as its work"]
     if timing is None:
         out.append("time: no peak FLOP/s for this device; give --peak-tflops (and --mfu) to predict it")
     else:
