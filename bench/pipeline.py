@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-micro-batches", type=int, default=4, help="m for the memory part (default 4)")
     p.add_argument("--stages", default="1,2", help="stage counts of the memory part (default 1,2; the first is the "
                    "baseline of the 'vs PP=1' columns)")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="data-parallel replicas in the memory part: P x D processes per configuration (default 1)")
     p.add_argument("--ckpt-interval", type=int, default=1,
                    help="activation_checkpoint_interval of the checkpointed memory runs (default 1)")
     p.add_argument("--zero", default=None, metavar="JSON",
@@ -240,7 +242,8 @@ def worker(args) -> None:
     stage = engine.stage_id
     timer = InstructionTimer(engine)
     data = random_batches(cfg, spec["micro_batch"], spec["seq_len"], spec["seed"])
-    result = {"rank": rank, "stage": stage, "layers": [int(x) for x in net.parts], "threads": torch.get_num_threads()}
+    result = {"rank": rank, "stage": stage, "replica": engine.grid.get_data_parallel_rank(),
+              "layers": [int(x) for x in net.parts], "threads": torch.get_num_threads()}
 
     for _ in range(spec["warmup"]):
         engine.train_batch(data)
@@ -289,7 +292,7 @@ def worker(args) -> None:
 # driver
 # --------------------------------------------------------------------------------------------
 
-def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
+def launch(args, mode, p, m, ckpt=0, seed_offset=0, dp=1) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         spec = {"mode": mode, "p": p, "m": m, "ckpt": ckpt, "preset": args.preset, "seq_len": args.seq_len,
@@ -298,7 +301,7 @@ def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
                 "warmup": args.warmup, "steps": args.steps, "out": str(out)}
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DS_ACCELERATOR="cpu",
                    PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p * dp),
                str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -307,7 +310,7 @@ def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
             raise SystemExit(f"bench/pipeline.py: the {mode} run p={p} m={m} ckpt={ckpt} failed "
                              f"(exit {proc.returncode})")
         ranks = json.loads(out.read_text())
-        print(f"  {mode:6s} p={p} m={m:2d} ckpt={ckpt}: {time.perf_counter() - t0:5.1f}s wall, "
+        print(f"  {mode:6s} p={p} d={dp} m={m:2d} ckpt={ckpt}: {time.perf_counter() - t0:5.1f}s wall, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         return ranks
 
@@ -366,10 +369,12 @@ def memory(args, report) -> None:
     rows = []
     for ckpt in (0, args.ckpt_interval):
         for p in args.stages:
-            for r in sorted(launch(args, "memory", p, m, ckpt), key=lambda r: r["stage"]):
+            ranks = launch(args, "memory", p, m, ckpt, dp=args.data_parallel)
+            for r in sorted(ranks, key=lambda r: (r["stage"], r["replica"])):
                 st = r["state"]
                 peak = st["total"] + r["peak"]["transient_peak"]
-                rows.append({"p": p, "ckpt": ckpt, "stage": r["stage"], "params": st["param_count"],
+                rows.append({"p": p, "dp": args.data_parallel, "replica": r["replica"], "ckpt": ckpt,
+                             "stage": r["stage"], "params": st["param_count"],
                              "weights": st["weights"], "optimizer": st["optimizer"], "other_static": st["other"],
                              "grads": r["grad_bytes_in_step"], "static_total": st["total"],
                              "transient_peak": r["peak"]["transient_peak"],

@@ -56,10 +56,12 @@ def compare(report: dict) -> list[dict]:
         ds["pipeline"]["activation_checkpoint_interval"] = r["ckpt"]
         if a.get("zero"):
             ds["zero_optimization"] = {**ds["zero_optimization"], **json.loads(a["zero"])}
-        layout = layout_from_ds(ds, pipe_stages=r["p"], world_size=r["p"], seq_len=a["seq_len"],
+        dp = r.get("dp", 1)
+        layout = layout_from_ds(ds, pipe_stages=r["p"], world_size=r["p"] * dp, seq_len=a["seq_len"],
                                 partition=a["partition"], cuda_available=False)
         stage = plan_stages(cfg, layout, "cpu")[r["stage"]]
-        rows.append({"preset": a["preset"], "p": r["p"], "ckpt": r["ckpt"], "stage": r["stage"],
+        rows.append({"preset": a["preset"], "p": r["p"], "dp": dp, "replica": r.get("replica", 0), "ckpt": r["ckpt"],
+                     "stage": r["stage"],
                      "measured": r["peak"], "predicted": stage.peak, "error": stage.peak / r["peak"] - 1,
                      "measured_in": r["peak_phase"], "predicted_in": stage.peak_in,
                      "static_measured": r["static_total"],
@@ -69,10 +71,12 @@ def compare(report: dict) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | P | ckpt | stage | measured peak MiB | predicted MiB | error | peak in (measured / predicted) "
+    lines = ["| preset | P x D | ckpt | stage (replica) | measured peak MiB | predicted MiB | error | peak in (measured / predicted) "
              "| between steps: measured / predicted MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['p']} | {r['ckpt'] or 'off'} | {r['stage']} | {r['measured'] / MiB:.1f} | "
+        replica = f" ({r['replica']})" if r["dp"] > 1 else ""
+        lines.append(f"| {r['preset']} | {r['p']} x {r['dp']} | {r['ckpt'] or 'off'} | {r['stage']}{replica} | "
+                     f"{r['measured'] / MiB:.1f} | "
                      f"{r['predicted'] / MiB:.1f} | {r['error']:+.1%} | {r['measured_in']} / {r['predicted_in']} | "
                      f"{r['static_measured'] / MiB:.1f} / {r['static_predicted'] / MiB:.1f} |")
     return "\n".join(lines)
@@ -83,11 +87,12 @@ def main() -> int:
     p.add_argument("--preset", default="readme")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--stages", default="1,2,4")
+    p.add_argument("--data-parallel", type=int, default=1, help="replicas per configuration (P x D processes)")
     p.add_argument("--from-json", type=Path, default=None, help="compare a bench/pipeline.py --json report")
     p.add_argument("--json", type=Path, default=None, help="write the measurement here")
     args = p.parse_args()
     report = (json.loads(args.from_json.read_text()) if args.from_json
-              else measure(args.preset, args.seq_len, args.stages))
+              else measure(args.preset, args.seq_len, args.stages, ["--data-parallel", str(args.data_parallel)]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     rows = compare(report)
