@@ -2,7 +2,8 @@
 
 Order of work: flags -> RunConfig (checked) -> preflight (everything else that can be checked
 without processes: DeepSpeed JSON, world size, data, checkpoints) -> process group -> data ->
-pipeline engine -> resume -> the training loop -> sample.
+pipeline engine -> resume -> the training loop -> sample. With --dry-run: RunConfig -> the plan
+of the run (tools/plan.py, plan_run) -> exit.
 
 The loop only calls components; each owns its cadence and state: the metrics logger (when to
 log, its own clock), the evaluator (when to validate, the weighted mean over sources) and the
@@ -97,38 +98,6 @@ def run_ds_path(run: RunConfig, cuda: bool) -> Path:
     return run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported())
 
 
-def dry_run(run: RunConfig) -> int:
-    """--dry-run: the plan of exactly this run (lamda_pipe/plan.py), printed by rank 0; nothing starts."""
-    import torch
-
-    from .attention_kernels import check_request
-    from .metrics import peak_tflops_for
-    from .plan import GPU_RESERVED_GIB, GiB, MEASURED_MFU, MEASURED_MFU_SOURCE, layout_from_ds, plan_stages, timing
-    from .tools.plan import describe
-
-    cfg, cuda = run.model_config, torch.cuda.is_available()
-    check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
-    env = launch_env(run.local_rank)
-    path = run_ds_path(run, cuda)
-    ds = load_config(path)
-    check_ds_config(ds)
-    layout = layout_from_ds(ds, pipe_stages=run.pipe_stages, world_size=env.world_size,
-                            seq_len=run.seq_len, partition=run.partition, attention=run.attention,
-                            cuda_available=cuda)
-    memory, peak = None, run.peak_tflops
-    if cuda:
-        memory = torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED_GIB * GiB
-        peak = peak or peak_tflops_for(torch.cuda.get_device_name())
-    stages = plan_stages(cfg, layout, "cuda" if cuda else "cpu")
-    plan_time = timing(cfg, layout, stages, peak, MEASURED_MFU) if peak else None
-    if env.rank == 0:
-        print(f"dry run: the plan of this run (DeepSpeed config {path}, world size {env.world_size}); "
-              f"nothing was started", flush=True)
-        print("\n".join(describe(cfg, run.model, layout, stages, memory, plan_time,
-                                 f"measured: {MEASURED_MFU_SOURCE}", None)), flush=True)
-    return 0
-
-
 def check_writable(run_dir: Path) -> None:
     """Refuses a --run-dir that cannot be written (a file on the path, no permission, a read-only
     or full file system) before any process group starts. Probes by creating and removing a
@@ -189,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = RunConfig.from_argv(argv)
         if run.dry_run:
-            return dry_run(run)
+            from .tools.plan import plan_run
+            return plan_run(run)
         plan = preflight(run)
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)

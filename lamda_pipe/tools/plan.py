@@ -200,6 +200,40 @@ def _run(argv) -> int:
     return 0
 
 
+def plan_run(run) -> int:
+    """ds_train.py --dry-run: the plan of exactly this run (a RunConfig), printed by rank 0,
+    before any process group, run dir or data preparation."""
+    import torch
+
+    from ..attention_kernels import check_request
+    from ..distributed import launch_env
+    from ..ds_config import load_config
+    from ..guard import check_ds_config
+    from ..metrics import peak_tflops_for
+    from ..train import run_ds_path
+
+    cfg, cuda = run.model_config, torch.cuda.is_available()
+    check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
+    env = launch_env(run.local_rank)
+    path = run_ds_path(run, cuda)
+    ds = load_config(path)
+    check_ds_config(ds)
+    layout = P.layout_from_ds(ds, pipe_stages=run.pipe_stages, world_size=env.world_size, seq_len=run.seq_len,
+                              partition=run.partition, attention=run.attention, cuda_available=cuda)
+    memory, peak = None, run.peak_tflops
+    if cuda:
+        memory = torch.cuda.get_device_properties(0).total_memory - P.GPU_RESERVED_GIB * P.GiB
+        peak = peak or peak_tflops_for(torch.cuda.get_device_name())
+    stages = P.plan_stages(cfg, layout, "cuda" if cuda else "cpu")
+    timing = P.timing(cfg, layout, stages, peak, P.MEASURED_MFU) if peak else None
+    if env.rank == 0:
+        print(f"dry run: the plan of this run (DeepSpeed config {path}, world size {env.world_size}); "
+              f"nothing was started", flush=True)
+        print("\n".join(describe(cfg, run.model, layout, stages, memory, timing,
+                                 f"measured: {P.MEASURED_MFU_SOURCE}", None)), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     return run_cli(_run, argv, prog="lamda-plan")
 
