@@ -22,7 +22,8 @@ memory: PP=1 and PP=2, without and with activation checkpointing. Weights, gradi
   optimizer state are counted from the tensors the engine holds (every live tensor found by
   the garbage collector, deduplicated by storage); the peak during a training step comes
   from the CPU allocator's own live-byte count (torch.profiler with profile_memory=True),
-  which sees every tensor allocation, not glibc's caching or the interpreter.
+  which sees every tensor allocation, not glibc's caching or the interpreter; the second of
+  two profiled steps is measured (peak_from_profile says why).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def parse_args(argv=None):
                    help="partition: flops (training's default: stages balanced by FLOPs), type:BlockPipe, uniform")
     p.add_argument("--part", choices=["all", "efficiency", "memory"], default="all")
     p.add_argument("--memory-micro-batches", type=int, default=4, help="m for the memory part (default 4)")
+    p.add_argument("--stages", default="1,2", help="stage counts of the memory part (default 1,2; the first is the "
+                   "baseline of the 'vs PP=1' columns)")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="data-parallel replicas in the memory part: P x D processes per configuration (default 1)")
     p.add_argument("--ckpt-interval", type=int, default=1,
                    help="activation_checkpoint_interval of the checkpointed memory runs (default 1)")
     p.add_argument("--zero", default=None, metavar="JSON",
@@ -75,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec of one configuration
     args = p.parse_args(argv)
     args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
+    args.stages = [int(p) for p in args.stages.split(",")]
     return args
 
 
@@ -168,9 +174,12 @@ def random_batches(cfg, micro_batch, seq_len, seed):
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def peak_from_profile(prof, instr_events) -> dict:
-    """Peak live bytes allocated during the profiled step, from the allocator's own records:
-    over the whole step, and while a forward or backward pass runs (where activations live)."""
+def peak_from_profile(prof, instr_events, since_ns: int = 0) -> dict:
+    """Peak live bytes allocated during the profiled step that starts at since_ns, from the
+    allocator's own records: over the whole step, and while a forward or backward pass runs
+    (where activations live). The profiler records no free of a block allocated before it
+    started, so the step measured is the second one profiled: every tensor it frees (the
+    previous step's pipe buffers among them) was allocated while profiling."""
     from torch._C._profiler import _EventType
 
     def walk(evs):
@@ -179,7 +188,7 @@ def peak_from_profile(prof, instr_events) -> dict:
             yield from walk(e.children)
 
     allocs = sorted((e for e in walk(prof.profiler.kineto_results.experimental_event_tree())
-                     if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+                     if e.tag == _EventType.Allocation and e.start_time_ns >= since_ns), key=lambda e: e.start_time_ns)
     passes = [(s, e) for name, s, e in instr_events if name in ("ForwardPass", "BackwardPass")]
     live = peak = fb_peak = 0
     peak_ns = None
@@ -233,7 +242,8 @@ def worker(args) -> None:
     stage = engine.stage_id
     timer = InstructionTimer(engine)
     data = random_batches(cfg, spec["micro_batch"], spec["seq_len"], spec["seed"])
-    result = {"rank": rank, "stage": stage, "layers": [int(x) for x in net.parts], "threads": torch.get_num_threads()}
+    result = {"rank": rank, "stage": stage, "replica": engine.grid.get_data_parallel_rank(),
+              "layers": [int(x) for x in net.parts], "threads": torch.get_num_threads()}
 
     for _ in range(spec["warmup"]):
         engine.train_batch(data)
@@ -256,14 +266,16 @@ def worker(args) -> None:
     else:
         from torch.profiler import ProfilerActivity, profile
 
-        before = state_bytes(engine)
         rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         dist.barrier()
-        timer.events.clear()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            engine.train_batch(data)  # allocates, under the profiler, what the measured step frees
+            before = state_bytes(engine)
+            timer.events.clear()
+            mark = time.time_ns()
             engine.train_batch(data)
         result["state"] = before
-        result["peak"] = peak_from_profile(prof, list(timer.events))
+        result["peak"] = peak_from_profile(prof, list(timer.events), since_ns=mark)
         result["rss_before"] = rss_before
         result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # gradients exist only inside a step here (DeepSpeed frees them after the optimizer
@@ -280,7 +292,7 @@ def worker(args) -> None:
 # driver
 # --------------------------------------------------------------------------------------------
 
-def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
+def launch(args, mode, p, m, ckpt=0, seed_offset=0, dp=1) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         spec = {"mode": mode, "p": p, "m": m, "ckpt": ckpt, "preset": args.preset, "seq_len": args.seq_len,
@@ -289,7 +301,7 @@ def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
                 "warmup": args.warmup, "steps": args.steps, "out": str(out)}
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DS_ACCELERATOR="cpu",
                    PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p * dp),
                str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -298,7 +310,7 @@ def launch(args, mode, p, m, ckpt=0, seed_offset=0) -> list[dict]:
             raise SystemExit(f"bench/pipeline.py: the {mode} run p={p} m={m} ckpt={ckpt} failed "
                              f"(exit {proc.returncode})")
         ranks = json.loads(out.read_text())
-        print(f"  {mode:6s} p={p} m={m:2d} ckpt={ckpt}: {time.perf_counter() - t0:5.1f}s wall, "
+        print(f"  {mode:6s} p={p} d={dp} m={m:2d} ckpt={ckpt}: {time.perf_counter() - t0:5.1f}s wall, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         return ranks
 
@@ -356,11 +368,13 @@ def memory(args, report) -> None:
     m = args.memory_micro_batches
     rows = []
     for ckpt in (0, args.ckpt_interval):
-        for p in (1, 2):
-            for r in sorted(launch(args, "memory", p, m, ckpt), key=lambda r: r["stage"]):
+        for p in args.stages:
+            ranks = launch(args, "memory", p, m, ckpt, dp=args.data_parallel)
+            for r in sorted(ranks, key=lambda r: (r["stage"], r["replica"])):
                 st = r["state"]
                 peak = st["total"] + r["peak"]["transient_peak"]
-                rows.append({"p": p, "ckpt": ckpt, "stage": r["stage"], "params": st["param_count"],
+                rows.append({"p": p, "dp": args.data_parallel, "replica": r["replica"], "ckpt": ckpt,
+                             "stage": r["stage"], "params": st["param_count"],
                              "weights": st["weights"], "optimizer": st["optimizer"], "other_static": st["other"],
                              "grads": r["grad_bytes_in_step"], "static_total": st["total"],
                              "transient_peak": r["peak"]["transient_peak"],
@@ -370,8 +384,9 @@ def memory(args, report) -> None:
                              "peak": peak, "peak_phase": r["peak"]["peak_phase"],
                              "end_delta": r["peak"]["end_delta"], "rss_before": r["rss_before"],
                              "maxrss": r["maxrss"], "layers": r["layers"]})
-    base = {ckpt: next(x["peak"] for x in rows if x["p"] == 1 and x["ckpt"] == ckpt) for ckpt in (0, args.ckpt_interval)}
-    fb_base = {ckpt: next(x["fwd_bwd_peak"] for x in rows if x["p"] == 1 and x["ckpt"] == ckpt)
+    p0 = args.stages[0]
+    base = {ckpt: next(x["peak"] for x in rows if x["p"] == p0 and x["ckpt"] == ckpt) for ckpt in (0, args.ckpt_interval)}
+    fb_base = {ckpt: next(x["fwd_bwd_peak"] for x in rows if x["p"] == p0 and x["ckpt"] == ckpt)
                for ckpt in (0, args.ckpt_interval)}
     for x in rows:
         x["vs_pp1"] = x["peak"] / base[x["ckpt"]]

@@ -87,6 +87,8 @@ class RunConfig:
                                       "peak of a known GPU: A100, H100, H200; none on CPU)", type=float, metavar="X")
     sample_prompt: str = _flag("And God said", "prompt for the sample printed at the end", metavar="TEXT")
     sample_tokens: int = _flag(48, "tokens to sample at the end (0: no sample)", type=int)
+    dry_run: bool = _flag(False, "print the plan of this run (memory per stage, time per step, as lamda-plan) and "
+                          "exit, before any process group, run dir or data preparation", type=bool)
     deepspeed_config: Path | None = _flag(None, "DeepSpeed JSON (default: lamda_pipe/ds_configs/ by hardware)",
                                           type=Path, name="--deepspeed_config", metavar="FILE")
     local_rank: int = _flag(-1, "set by the deepspeed launcher", type=int, name="--local_rank")

@@ -2,7 +2,8 @@
 
 Order of work: flags -> RunConfig (checked) -> preflight (everything else that can be checked
 without processes: DeepSpeed JSON, world size, data, checkpoints) -> process group -> data ->
-pipeline engine -> resume -> the training loop -> sample.
+pipeline engine -> resume -> the training loop -> sample. With --dry-run: RunConfig -> the plan
+of the run (tools/plan.py, plan_run) -> exit.
 
 The loop only calls components; each owns its cadence and state: the metrics logger (when to
 log, its own clock), the evaluator (when to validate, the weighted mean over sources) and the
@@ -61,7 +62,7 @@ def preflight(run: RunConfig) -> Plan:
     cfg = run.model_config
     cuda = torch.cuda.is_available()
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
-    ds = load_config(run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported()))
+    ds = load_config(run_ds_path(run, cuda))
     check_ds_config(ds)
     env = launch_env(run.local_rank)
     batch = check_run(ds, pipe_stages=run.pipe_stages, world_size=env.world_size, cuda_available=cuda)
@@ -94,6 +95,13 @@ def preflight(run: RunConfig) -> Plan:
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
                 resume, init_from, fmt, data_order)
+
+
+def run_ds_path(run: RunConfig, cuda: bool) -> Path:
+    """The run's DeepSpeed JSON: --deepspeed_config, else the shipped one for this hardware."""
+    import torch
+
+    return run.deepspeed_config or default_config_path(cuda, cuda and torch.cuda.is_bf16_supported())
 
 
 def check_writable(run_dir: Path) -> None:
@@ -155,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     job = watch_from_start()  # before the slow start-up: a launcher that dies meanwhile is noticed
     try:
-        plan = preflight(RunConfig.from_argv(argv))
+        run = RunConfig.from_argv(argv)
+        if run.dry_run:
+            from .tools.plan import plan_run
+            return plan_run(run)
+        plan = preflight(run)
     except UsageError as e:
         print(f"ds_train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,5 +1,5 @@
 """Command-line tools: `lamda-train-tokenizer`, `lamda-prepare-data`, `lamda-export`,
-`lamda-generate` and `lamda-chat`.
+`lamda-generate`, `lamda-chat` and `lamda-plan`.
 
 Shared here: the input options (--input / --dataset ...) and the error convention: bad input
 is one line `error: ...` on stderr and exit code 2, before any heavy work, no traceback.
@@ -57,14 +57,15 @@ def source_kwargs(args: argparse.Namespace) -> dict:
             "max_bytes": args.max_bytes}
 
 
-def run_cli(body, argv) -> int:
-    """Runs body(argv), turning UsageError into `error: ...` + exit 2 and Ctrl-C / SIGTERM into
-    a clean exit (partial outputs are removed by the code that writes them)."""
+def run_cli(body, argv, prog: str | None = None) -> int:
+    """Runs body(argv), turning UsageError into `error: ...` (`PROG: error: ...` given a prog)
+    + exit 2 and Ctrl-C / SIGTERM into a clean exit (partial outputs are removed by the code
+    that writes them)."""
     with _sigterm_as_exit():
         try:
             return body(argv)
         except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"{prog + ': ' if prog else ''}error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
