@@ -119,6 +119,9 @@ class DataSource:
 
     def tokens(self, split: str) -> np.ndarray:
         info = self.meta["splits"][split]
+        if "parts" in info:  # a dir of parts (data/parts.py): their files as one sequence
+            from .parts import part_tokens
+            return part_tokens(self.directory, info, self.meta["dtype"])
         if info["tokens"] == 0:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.directory / info["file"], dtype=self.meta["dtype"], mode="r",

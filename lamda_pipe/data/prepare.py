@@ -184,9 +184,10 @@ def _write_splits(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, worke
     return counts
 
 
-def _batches(docs: Iterable[str], batch_docs: int) -> Iterator[tuple[int, list[str]]]:
-    """(index of the first document, documents), at most batch_docs documents / ~BATCH_CHARS each."""
-    first, batch, chars = 0, [], 0
+def _batches(docs: Iterable[str], batch_docs: int, start: int = 0) -> Iterator[tuple[int, list[str]]]:
+    """(index of the first document, documents), at most batch_docs documents / ~BATCH_CHARS each;
+    the first document has index `start` (a shard's place in the whole input, parts.py)."""
+    first, batch, chars = start, [], 0
     for doc in docs:
         batch.append(doc)
         chars += len(doc)
@@ -197,8 +198,8 @@ def _batches(docs: Iterable[str], batch_docs: int) -> Iterator[tuple[int, list[s
         yield first, batch
 
 
-def _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction, workers, batch_docs):
-    tasks = ((first, batch, eot, dtype.str, val_fraction) for first, batch in _batches(docs, batch_docs))
+def _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction, workers, batch_docs, start=0):
+    tasks = ((first, batch, eot, dtype.str, val_fraction) for first, batch in _batches(docs, batch_docs, start))
     if workers == 1:
         yield from (_encode(tok, *task) for task in tasks)
         return
@@ -304,6 +305,10 @@ def _remove_stale_tmp_dirs(out: Path) -> None:
 def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared dir, after checking that the dir is complete; DataError otherwise."""
     d = Path(data_dir)
+    if (d / "parts.json").is_file() and not (d / "meta.json").exists():
+        from .parts import read_parts_meta  # a dir prepared by `--shard i/N` tasks
+
+        return read_parts_meta(d)
     fix = (f"prepare it with `lamda-prepare-data --input FILE ... --tokenizer tokenizer.json --out {d}`")
     if ".tmp-" in d.name:
         raise DataError(f"{d} is the unfinished work dir of a lamda-prepare-data run (interrupted or still "
