@@ -87,6 +87,8 @@ def is_bundled_data(spec: str, run_dir: Path) -> bool:
     path = Path(spec)
     if path == run_dir / "data":
         return True
+    if (path / "parts.json").is_file():  # prepared in parts (data/parts.py): user data
+        return False
     meta = path / "meta.json"
     if meta.is_file():
         import json

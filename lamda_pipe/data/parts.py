@@ -115,7 +115,8 @@ def check_parts_out(out: Path, plan: dict) -> dict | None:
         raise DataError(f"--out {out} holds a complete prepared dir, not parts of one; --shard never replaces data: "
                         f"{other}")
     if not (out / PLAN_FILE).is_file():
-        if out.exists() and any(out.iterdir()):
+        # a task racing to write the plan has its temporary copy there (_create_once)
+        if out.exists() and any(not p.name.startswith(f".{PLAN_FILE}.tmp-") for p in out.iterdir()):
             raise DataError(f"--out {out} is a non-empty directory without {PLAN_FILE}, not a dir of parts; "
                             f"{other}")
         return None
