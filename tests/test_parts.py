@@ -7,12 +7,14 @@ The real Slurm array (kill and rerun) is in tests/test_slurm_prepare.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from lamda_pipe.data.loader import DataSource, MicroBatchStream, bundled_corpus, open_sources
-from lamda_pipe.data.parts import PartTokens, Shard, parse_shard, prepare_shard, shard_list
+from lamda_pipe.data.parts import PartTokens, Shard, parse_shard, shard_list
+from lamda_pipe.data.prepare_parts import prepare_shard
 from lamda_pipe.data.prepare import prepare_data, read_meta
 from lamda_pipe.data.text_sources import DataError, iter_documents
 from lamda_pipe.data.tokenizer import train_tokenizer
@@ -236,3 +238,19 @@ def test_cli_shard_reports_progress(tok_path, tmp_path, capsys):
     assert prepare_main(base + ["--shard", "0/2"]) == 0
     assert "shard 0/2: " + str(out / "parts" / "00000-of-00002") + " is complete" in capsys.readouterr().out
     assert json.loads((out / "parts.json").read_text())["documents"] == 149
+
+
+def test_a_shard_being_prepared_now_on_this_host_is_not_touched(tok_path, tmp_path):
+    """Its work dir's owner is a live process here (this test's parent stands in for it)."""
+    import socket
+
+    out = tmp_path / "parts"
+    shard(tok_path, out, 0, 2)
+    busy = out / "parts" / "00001-of-00002.tmp-4242"
+    busy.mkdir()
+    (busy / ".owner").write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    (busy / "train.bin").write_bytes(b"\1\2")
+    with pytest.raises(DataError, match=rf"^shard 1/2 is being prepared right now by process {os.getppid()} "
+                                        rf"\({busy}\); wait for it, or stop it and run this again$"):
+        shard(tok_path, out, 1, 2, docs=lambda: pytest.fail("the input was read"))
+    assert (busy / "train.bin").read_bytes() == b"\1\2"

@@ -18,8 +18,7 @@ import pytest
 from lamda_pipe.data.loader import MicroBatchStream, bundled_corpus, open_sources
 from lamda_pipe.data.prepare import prepare_data, read_meta
 from lamda_pipe.data.text_sources import DataError, iter_documents
-from tests.hosts import SlurmCluster, sbatch_env
-from tests.test_slurm import slurm  # noqa: F401  (the module's cluster fixture)
+from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
 
 pytestmark = pytest.mark.launch  # a real Slurm
 
@@ -27,6 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm" / "prepare.sbatch"
 TIMEOUT = 180
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
+
+
+@pytest.fixture(scope="module")
+def slurm(request):
+    reason = slurm_unavailable()
+    if reason:
+        skip(request, reason)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def write_inputs(d: Path, mb: float) -> list[Path]:

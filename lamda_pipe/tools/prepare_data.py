@@ -102,7 +102,8 @@ TEXT_ONLY = {"--dataset": lambda a: a.dataset is not None, "--config": lambda a:
 
 
 def _run_shard(args) -> int:
-    from ..data.parts import parts_status, prepare_shard, shard_list
+    from ..data.parts import parts_status, shard_list
+    from ..data.prepare_parts import prepare_shard
     from ..data.tokenizer import eot_id, load_tokenizer
 
     if args.force:
