@@ -254,3 +254,24 @@ def test_a_shard_being_prepared_now_on_this_host_is_not_touched(tok_path, tmp_pa
                                         rf"\({busy}\); wait for it, or stop it and run this again$"):
         shard(tok_path, out, 1, 2, docs=lambda: pytest.fail("the input was read"))
     assert (busy / "train.bin").read_bytes() == b"\1\2"
+
+
+def test_a_part_from_another_dir_is_refused(tok_path, tmp_path):
+    import shutil
+
+    for name, val_fraction in (("a", 0.05), ("b", 0.1)):
+        for i in range(2):
+            shard(tok_path, tmp_path / name, i, 2, val_fraction)
+    part = tmp_path / "a" / "parts" / "00001-of-00002"
+    message = (f"{part} does not belong to {tmp_path / 'a'}'s plan (other options or input, or another shard's "
+               f"slice); remove it and run --shard 1/2 again")
+    for source in (tmp_path / "b" / "parts" / "00001-of-00002", tmp_path / "a" / "parts" / "00000-of-00002"):
+        saved = tmp_path / "saved"
+        shutil.move(part, saved)
+        shutil.copytree(source, part)
+        with pytest.raises(DataError) as e:
+            read_meta(tmp_path / "a")
+        assert str(e.value) == message
+        shutil.rmtree(part)
+        shutil.move(saved, part)
+    assert read_meta(tmp_path / "a")["num_shards"] == 2
