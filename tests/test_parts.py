@@ -14,7 +14,7 @@ import pytest
 
 from lamda_pipe.data.loader import DataSource, MicroBatchStream, bundled_corpus, open_sources
 from lamda_pipe.data.parts import PartTokens, Shard, parse_shard, shard_list
-from lamda_pipe.data.prepare_parts import prepare_shard
+from lamda_pipe.data.prepare_parts import InputPiece, input_pieces, plan_shards, prepare_shard
 from lamda_pipe.data.prepare import prepare_data, read_meta
 from lamda_pipe.data.text_sources import DataError, iter_documents
 from lamda_pipe.data.tokenizer import train_tokenizer
@@ -39,9 +39,13 @@ def other_tok(tmp_path_factory):
     return path
 
 
-def shard(tok, out, i, n, val_fraction=0.05, log=None, docs=None):
-    return prepare_shard(docs or (lambda: iter_documents(FILES)), tok, out, Shard(i, n), val_fraction=val_fraction,
-                         workers=1, batch_docs=7, log=log or (lambda line: None))
+def pieces(files=FILES):
+    return input_pieces({"inputs": files, "dataset": None, "text_field": "text", "max_docs": None, "max_bytes": None})
+
+
+def shard(tok, out, i, n, val_fraction=0.05, log=None, parts=None):
+    return prepare_shard(parts or pieces(), tok, out, Shard(i, n), val_fraction=val_fraction, workers=1,
+                         batch_docs=7, log=log or (lambda line: None))
 
 
 def whole(source: DataSource, split: str) -> np.ndarray:
@@ -102,7 +106,8 @@ def test_complete_parts_are_skipped_and_say_so(tok_path, tmp_path):
     part = out / "parts" / "00001-of-00003"
     stamp = {p.name: p.stat().st_mtime_ns for p in part.iterdir()}
     lines = []
-    again = shard(tok_path, out, 1, 3, log=lines.append, docs=lambda: iter(["never read"]))
+    unread = [InputPiece(p.name, p.size, lambda: pytest.fail("the input was read")) for p in pieces()]
+    again = shard(tok_path, out, 1, 3, log=lines.append, parts=unread)
     assert again["skipped"] and not first["skipped"]
     assert lines == [f"shard 1/3: {part} is complete ({first['documents']:,} documents); skipped"]
     assert {p.name: p.stat().st_mtime_ns for p in part.iterdir()} == stamp
@@ -113,14 +118,13 @@ def test_an_interrupted_part_looks_incomplete_and_is_redone(tok_path, tmp_path):
     shard(tok_path, out, 0, 2)
 
     def failing():
-        for k, d in enumerate(iter_documents(FILES)):
-            if k == 120:
-                raise RuntimeError("disk gone")
-            yield d
+        yield from iter_documents(FILES[-1], max_docs=3)
+        raise RuntimeError("disk gone")
 
-    calls = iter([iter_documents(FILES), failing()])
+    broken = pieces()
+    broken[-1] = InputPiece(broken[-1].name, broken[-1].size, failing)
     with pytest.raises(RuntimeError, match="disk gone"):
-        shard(tok_path, out, 1, 2, docs=lambda: next(calls))
+        shard(tok_path, out, 1, 2, parts=broken)
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["00000-of-00002"]
     with pytest.raises(DataError, match=r"1 of them are missing or incomplete: shard\(s\) 1; run"):
         read_meta(out)
@@ -157,35 +161,77 @@ def test_missing_parts_are_named_before_training(tok_path, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("count", "was started with 4 shards, this task says --shard i/3; run --shard i/4 (every task the same N)"),
-    ("tokenizer", "was started with another tokenizer (sha256"),
-    ("val", "was started with val_fraction 0.05, this task has 0.1; give every task the same input and options"),
-    ("input", "was started with source '', this task has 'files"),
+    ("count", "--out OUT was started with 4 shards, this task says --shard i/3; run --shard i/4 (every task the "
+              "same N), or pick another --out"),
+    ("tokenizer", "--out OUT was started with another tokenizer (sha256 "),
+    ("val", "--out OUT was started with val_fraction 0.05, this task has 0.1; give every task the same input and "
+            "options, or pick another --out"),
+    ("files", "the input differs from the one OUT was started on: 6 input files then, 2 now; give every task the "
+              "same input (unchanged while the dir is prepared), or pick another --out"),
 ])
 def test_a_task_that_disagrees_with_the_dir_is_refused(tok_path, other_tok, tmp_path, case, message):
     out = tmp_path / "parts"
     shard(tok_path, out, 0, 4)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    kwargs = {"count": dict(i=1, n=3), "tokenizer": dict(tok=other_tok), "val": dict(val_fraction=0.1),
-              "input": dict(docs=lambda: iter_documents(FILES[:2]))}[case]
-    args = {"tok": tok_path, "out": out, "i": 1, "n": 4, **kwargs}
-    docs = args.pop("docs", None)
-    with pytest.raises(DataError, match="^--out .*" + message.replace("(", r"\(").replace(")", r"\)")):
-        if docs is None:
-            shard(**args)
-        else:
-            prepare_shard(docs, tok_path, out, Shard(1, 4), val_fraction=0.05, workers=1, log=print,
-                          source="files " + ", ".join(FILES[:2]))
+    args = {"tok": tok_path, "out": out, "i": 1, "n": 4, **{
+        "count": dict(n=3), "tokenizer": dict(tok=other_tok), "val": dict(val_fraction=0.1),
+        "files": dict(parts=pieces(FILES[:2]))}[case]}
+    with pytest.raises(DataError) as e:
+        shard(**args)
+    assert str(e.value).startswith(message.replace("OUT", str(out)))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_changed_input_is_refused(tok_path, tmp_path):
+    files = [tmp_path / f"{k}.txt" for k in range(3)]
+    for k, f in enumerate(files):
+        f.write_text("\n\n".join(f"document {k}.{j}" for j in range(5)))
     out = tmp_path / "parts"
-    shard(tok_path, out, 0, 2)
-    with pytest.raises(DataError, match=r"the input holds 100 documents, but .* was started on 149 \(the input "
-                                        r"changed\?\)"):
-        shard(tok_path, out, 1, 2, docs=lambda: iter(list(iter_documents(FILES))[:100]))
+    shard(tok_path, out, 0, 2, parts=pieces(files))
+    with files[1].open("a") as f:
+        f.write("\n\none more")
+    with pytest.raises(DataError, match=rf"^the input differs from the one {out} was started on: {files[1]} \(68 bytes "
+                                        rf"then, 78 now\); give every task the same input"):
+        shard(tok_path, out, 1, 2, parts=pieces(files))
     assert not (out / "parts" / "00001-of-00002").exists()
+
+
+def test_tasks_racing_on_a_changed_input_are_refused(tok_path, tmp_path):
+    """Input that is one piece (a dataset, or --max-docs): no file sizes to compare, so a task that
+    counted differently from the task that wrote the plan is refused (the other task is simulated
+    by writing the plan while this one counts)."""
+    out = tmp_path / "parts"
+    whole = InputPiece("the whole input", None, lambda: iter_documents(FILES))
+
+    def fewer():
+        plan_shards([whole], tok_path, out, 2, val_fraction=0.05)  # the other task wins the race
+        yield from iter_documents(FILES, max_docs=100)
+
+    with pytest.raises(DataError, match=rf"^the input holds 100 documents, but {out} was started on 149 \(the input "
+                                        rf"changed\?\)"):
+        shard(tok_path, out, 1, 2, parts=[InputPiece("the whole input", None, fewer)])
+    assert sorted(p.name for p in out.iterdir()) == ["parts.json", "tokenizer.json"]  # the other task's
+
+
+def test_with_a_plan_a_task_reads_only_the_files_of_its_slice(tok_path, tmp_path):
+    out = tmp_path / "parts"
+    plan = plan_shards(pieces(), tok_path, out, 3, val_fraction=0.05)
+    assert plan["documents"] == 149 and sum(plan["piece_documents"]) == 149 and len(plan["piece_documents"]) == 6
+    opened = []
+
+    def recording(piece):
+        return InputPiece(piece.name, piece.size, lambda: (opened.append(piece.name), piece.documents())[1])
+
+    starts = np.cumsum([0] + plan["piece_documents"])
+    for i in range(3):
+        opened.clear()
+        shard(tok_path, out, i, 3, parts=[recording(p) for p in pieces()])
+        lo, hi = Shard(i, 3).documents(149)
+        assert opened == [p.name for p, a, b in zip(pieces(), starts, starts[1:]) if a < hi and b > lo]
+        assert len(opened) < 6
+    one = prepare_data(iter_documents(FILES), tok_path, tmp_path / "one", val_fraction=0.05, workers=1,
+                       progress=False)
+    assert read_meta(out)["splits"]["train"]["tokens"] == one["splits"]["train"]["tokens"]
 
 
 def test_shard_spec():
@@ -208,8 +254,12 @@ def test_shard_spec():
     (["--shard", "0/2", "--tokenizer", "TOK", "--out", "other"],
      "error: --out other is a non-empty directory without parts.json, not a dir of parts; pick another --out"),
     (["--shard", "0/3", "--tokenizer", "TOK"],
-     "error: the input holds 2 document(s), fewer than --shard's 3 slices; use at most 2 shards"),
+     "error: the input holds 2 document(s), fewer than 3 shards; use at most 2 shards"),
     ([], "error: the following arguments are required: --tokenizer"),
+    (["--plan-shards", "2"], "error: --plan-shards needs --tokenizer: every shard must use the same one"),
+    (["--plan-shards", "2", "--shard", "0/2", "--tokenizer", "TOK"],
+     "error: --plan-shards and --shard are separate steps: plan once, then run each --shard i/N task"),
+    (["--plan-shards", "0", "--tokenizer", "TOK"], "error: --plan-shards must be >= 1, got 0"),
 ])
 def test_cli_shard_refusals_are_one_line_exit_2(tok_path, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
@@ -240,6 +290,21 @@ def test_cli_shard_reports_progress(tok_path, tmp_path, capsys):
     assert json.loads((out / "parts.json").read_text())["documents"] == 149
 
 
+def test_cli_plan_shards_counts_once(tok_path, tmp_path, capsys):
+    out = tmp_path / "parts"
+    base = ["--input", *FILES, "--tokenizer", str(tok_path), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert prepare_main(base + ["--plan-shards", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("plan for 2 shards: 149 documents in 6 input piece(s), counted in ")
+    assert printed.endswith(f"now run --shard i/2 for i in 0..1 (wrote {out / 'parts.json'})\n")
+    assert sorted(p.name for p in out.iterdir()) == ["parts.json", "tokenizer.json"]
+    assert prepare_main(base + ["--plan-shards", "3"]) == 2
+    assert "was started with 2 shards, this task says --shard i/3" in capsys.readouterr().err
+    for i in range(2):
+        assert prepare_main(base + ["--shard", f"{i}/2"]) == 0
+    assert read_meta(out)["splits"]["train"]["documents"] + read_meta(out)["splits"]["val"]["documents"] == 149
+
+
 def test_a_shard_being_prepared_now_on_this_host_is_not_touched(tok_path, tmp_path):
     """Its work dir's owner is a live process here (this test's parent stands in for it)."""
     import socket
@@ -252,7 +317,8 @@ def test_a_shard_being_prepared_now_on_this_host_is_not_touched(tok_path, tmp_pa
     (busy / "train.bin").write_bytes(b"\1\2")
     with pytest.raises(DataError, match=rf"^shard 1/2 is being prepared right now by process {os.getppid()} "
                                         rf"\({busy}\); wait for it, or stop it and run this again$"):
-        shard(tok_path, out, 1, 2, docs=lambda: pytest.fail("the input was read"))
+        shard(tok_path, out, 1, 2, parts=[InputPiece(p.name, p.size, lambda: pytest.fail("the input was read"))
+                                          for p in pieces()])
     assert (busy / "train.bin").read_bytes() == b"\1\2"
 
 

@@ -1,6 +1,7 @@
-"""A dir prepared in parts by separate `lamda-prepare-data --shard i/N` processes trains, through
-the real DeepSpeed launcher (2 ranks, 2 stages), with exactly the losses (train and validation)
-of the dir one process prepares from the same files with the same tokenizer; with a part missing,
+"""Dirs prepared in parts by separate `lamda-prepare-data --shard i/N` processes: tasks started
+together without a plan agree on one (they race to write it); the dir trains, through the real
+DeepSpeed launcher (2 ranks, 2 stages), with exactly the losses (train and validation) of the dir
+one process prepares from the same files with the same tokenizer; with a part missing,
 ds_train.py refuses before any work, naming the shard to run."""
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from lamda_pipe.data.loader import bundled_corpus
+from lamda_pipe.data.loader import DataSource, bundled_corpus
+from lamda_pipe.data.prepare import read_meta
 from lamda_pipe.data.text_sources import iter_documents
 from lamda_pipe.data.tokenizer import train_tokenizer
 from tests.dist_utils import free_port
@@ -64,3 +67,20 @@ def test_parts_from_separate_processes_train_with_the_one_process_losses(tmp_pat
     assert [r["step"] for r in ours if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in ours if "val_loss" in r] == [2, 4]
     assert ours == reference
+
+
+def test_tasks_started_together_without_a_plan_agree_on_one(tmp_path):
+    tok = tmp_path / "tok.json"
+    train_tokenizer(list(iter_documents(FILES)), vocab_size=2048).save(str(tok))
+    out = tmp_path / "parts"
+    procs = [subprocess.Popen([sys.executable, "-m", "lamda_pipe.tools.prepare_data", "--input", *FILES, "--tokenizer",
+                               str(tok), "--out", str(out), "--val-fraction", "0.05", "--no-progress", "--workers", "1",
+                               "--shard", f"{i}/6"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(6)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _, _ in results), results
+    assert sum("all 6 parts complete" in stdout for _, stdout, _ in results) >= 1
+    prepare(tok, tmp_path / "one")
+    a, b = (DataSource(d, 1.0, read_meta(d)) for d in (tmp_path / "one", out))
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(a.tokens(split)), np.asarray(b.tokens(split)))

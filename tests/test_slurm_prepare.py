@@ -1,5 +1,5 @@
-"""scripts/slurm/prepare.sbatch on a real Slurm (tests/hosts.py): the tokenizer job, then the
-array of `lamda-prepare-data --shard i/N` tasks chained to it with --dependency, one task killed
+"""scripts/slurm/prepare.sbatch on a real Slurm (tests/hosts.py): the tokenizer-and-plan job, then
+the array of `lamda-prepare-data --shard i/N` tasks chained to it with --dependency, one task killed
 mid-way (SIGKILL: what a lost node leaves), the array submitted again. Complete parts are skipped,
 the killed one is redone, and the dir opens as one source equal, token for token and sample for
 sample, to a one-process prepare of the same files with the same tokenizer."""
@@ -98,11 +98,15 @@ def test_array_prepares_parts_a_killed_task_is_redone_and_the_dir_equals_a_one_p
     env = sbatch_env(tmp_path / "unused", 1, LAMDA_PREP_ARGS="--input " + " ".join(map(str, inputs)),
                      LAMDA_TOKENIZER=str(tok), LAMDA_DATA_OUT=str(out))
 
-    # Step 1, the tokenizer, once; the array waits for it (the chain scripts/slurm/README.md shows).
-    tok_job = slurm.sbatch("--job-name", "lamda-tokenizer", "--output", str(logs / "tok.out"), "--wrap",
-                           f"{env['PYTHON']} -m lamda_pipe.tools.train_tokenizer --input {inputs[0]} --max-bytes 1M "
-                           f"--vocab-size 2048 --out {tok} --no-progress", env=env, cwd=ROOT)
-    job = submit_array(slurm, env, logs, "0-3", "--dependency", f"afterok:{tok_job}")
+    # Step 1, once: the tokenizer, then the plan; the array waits for it (the chain in
+    # scripts/slurm/README.md).
+    py = env["PYTHON"]
+    plan_job = slurm.sbatch("--job-name", "lamda-plan", "--output", str(logs / "plan.out"), "--wrap", f"""set -e
+        {py} -m lamda_pipe.tools.train_tokenizer --input {inputs[0]} --max-bytes 1M --vocab-size 2048 \\
+            --out {tok} --no-progress
+        {py} -m lamda_pipe.tools.prepare_data {env['LAMDA_PREP_ARGS']} --tokenizer {tok} --out {out} --plan-shards 4""",
+                            env=env, cwd=ROOT)
+    job = submit_array(slurm, env, logs, "0-3", "--dependency", f"afterok:{plan_job}")
 
     # Kill task 2 once it is writing its part, with SIGKILL: no clean-up runs, as on a lost node or
     # an out-of-memory kill (scancel sends SIGTERM first, on which the task removes its work dir).
@@ -116,6 +120,7 @@ def test_array_prepares_parts_a_killed_task_is_redone_and_the_dir_equals_a_one_p
     os.kill(int(owner.read_text().split()[1]), signal.SIGKILL)
     states = wait_array(slurm, job, n)
     assert states == {0: "COMPLETED", 1: "COMPLETED", 2: "FAILED", 3: "COMPLETED"}, (states, log_of(logs, job, 2))
+    assert "plan for 4 shards: " in (logs / "plan.out").read_text()
     parts = out / "parts"
     left = sorted(p.name for p in parts.iterdir())
     assert "00002-of-00004" not in left and any(name.startswith("00002-of-00004.tmp-") for name in left), (

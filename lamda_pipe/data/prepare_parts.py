@@ -1,25 +1,30 @@
 """Writing one part of a dir of parts (layout and reading: parts.py): `lamda-prepare-data
 --shard i/N`, one task per slice of the input, each resumable on its own.
 
-Every task first counts the input's documents (reading, not tokenizing, all of it: the slice
-bounds depend on the count), then reads up to the end of its slice and tokenizes that. A
-document goes to validation by its index in the whole input (prepare.py's rule); only the last
-shard can apply the at-least-one-validation-document rule, so it does.
+The slice bounds depend on the input's document count, so the documents are counted once, per
+input piece (a file; or the whole input for a Hugging Face dataset or with --max-docs /
+--max-bytes), and recorded in the plan, OUT/parts.json: by `--plan-shards N` before the array
+(a plan job), or else by the first task that finds no plan. A task with the plan reads only the
+pieces its slice overlaps, from the first of them up to the end of its slice. A document goes to
+validation by its index in the whole input (prepare.py's rule); only the last shard can apply
+the at-least-one-validation-document rule, so it does.
 
 A part is built in OUT/parts/<name>.tmp-PID with meta.json written last, then renamed into place:
 a killed task leaves only its work dir, which the shard's next run removes. A complete part is
-skipped on a rerun. The first task writes the plan (parts.json) and tokenizer.json, each created
-atomically (a hard link that fails if another task won); every task compares its own plan with
-the one there before any work.
+skipped on a rerun. The plan and tokenizer.json are each created atomically (a hard link that
+fails if another task won); every task compares its own plan (N, tokenizer, options, the input's
+file names and sizes) with the one there before any work.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +35,29 @@ from ..errors import DataError
 from .parts import PARTS_DIR, PLAN_FILE, PLAN_FORMAT, PLAN_KEYS, PART_FORMAT, Shard, part_meta, read_json
 from .prepare import OWNER_FILE, SPLITS, _encoded_batches, _write_synced, now, token_dtype, usable_cores
 from .tokenizer import eot_id, load_tokenizer, tokenizer_sha256, vocab_size as id_space
+
+
+@dataclass(frozen=True)
+class InputPiece:
+    """A piece of the input whose documents are counted on their own: one file, or the whole input."""
+
+    name: str
+    size: int | None  # a file's bytes: a changed file is noticed without reading it
+    documents: Callable[[], Iterator[str]]
+
+
+def input_pieces(source: dict) -> list[InputPiece]:
+    """lamda_pipe.tools.source_kwargs(args) -> the pieces: one per file (they yield, in order, what
+    iter_documents yields for all of them), or the whole input where documents cannot be counted
+    per file (a dataset; --max-docs / --max-bytes, which count across files)."""
+    from .text_sources import iter_documents, resolve_inputs
+
+    if source.get("dataset") is not None or source.get("max_docs") is not None or \
+            source.get("max_bytes") is not None:
+        return [InputPiece("the whole input", None, functools.partial(iter_documents, **source))]
+    return [InputPiece(str(path), path.stat().st_size,
+                       functools.partial(iter_documents, inputs=[str(path)], text_field=source["text_field"]))
+            for path, _ in resolve_inputs(source["inputs"])]
 
 
 def check_parts_out(out: Path, plan: dict) -> dict | None:
@@ -61,6 +89,12 @@ def check_parts_out(out: Path, plan: dict) -> dict | None:
         if there.get(key) != plan[key]:
             raise DataError(f"--out {out} was started with {key} {there.get(key)!r}, this task has {plan[key]!r}; "
                             f"give every task the same input and options, or {other}")
+    theirs, ours = [tuple(p) for p in there.get("pieces", [])], [tuple(p) for p in plan["pieces"]]
+    if theirs != ours:
+        diff = next((f"{a[0]} ({a[1]} bytes then, {b[1]} now)" if a[0] == b[0] else f"{a[0]}, now {b[0]}"
+                     for a, b in zip(theirs, ours) if a != b), f"{len(theirs)} input files then, {len(ours)} now")
+        raise DataError(f"the input differs from the one {out} was started on: {diff}; give every task the same "
+                        f"input (unchanged while the dir is prepared), or pick another --out")
     return there
 
 
@@ -77,28 +111,73 @@ def _create_once(path: Path, data: bytes) -> bool:
         tmp.unlink()
 
 
-def prepare_shard(make_docs: Callable[[], Iterator[str]], tokenizer_path: str | Path, out_dir: str | Path,
-                  shard: Shard, *, val_fraction: float = 0.01, workers: int = 1, source: str = "",
-                  limits: dict | None = None, batch_docs: int = 1000, log: Callable[[str], None] = print) -> dict:
-    """Prepares shard `shard` of the documents make_docs() yields (called twice: once to count
-    them, once to read the slice) into OUT/parts/<i>-of-<N>/; returns its meta.json's dict, with
-    "skipped": True when the part was complete already."""
-    out = Path(out_dir)
+def _plan(pieces: list[InputPiece], tokenizer_path: str | Path, num_shards: int, val_fraction: float, source: str,
+          limits: dict | None):
+    """(the tokenizer, this task's plan without the counts)."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     tok = load_tokenizer(tokenizer_path)
     eot = eot_id(tok, f"--tokenizer {tokenizer_path}")
     vocab = id_space(tok)
-    dtype = token_dtype(vocab)
-    plan = {"format": PLAN_FORMAT, "num_shards": shard.count, "tokenizer_sha256": tokenizer_sha256(tok),
-            "val_fraction": float(val_fraction), "source": source, "limits": limits or {}, "dtype": dtype.name,
-            "vocab_size": vocab, "eot_id": eot}
-    check_parts_out(out, plan)
+    return tok, {"format": PLAN_FORMAT, "num_shards": num_shards, "tokenizer_sha256": tokenizer_sha256(tok),
+                 "val_fraction": float(val_fraction), "source": source, "limits": limits or {},
+                 "dtype": token_dtype(vocab).name, "vocab_size": vocab, "eot_id": eot,
+                 "pieces": [[p.name, p.size] for p in pieces]}
+
+
+def _ensure_plan(out: Path, plan: dict, pieces: list[InputPiece], tokenizer_path, there: dict | None) -> dict:
+    """The plan with its document counts: the one there, or counted now and written."""
+    if there is None:
+        counts = [sum(1 for _ in p.documents()) for p in pieces]  # reads (not tokenizes) every piece
+        total = sum(counts)
+        if total < plan["num_shards"]:
+            raise DataError(f"the input holds {total:,} document(s), fewer than {plan['num_shards']} shards; use at "
+                            f"most {total} shards" if total else
+                            "the input holds no documents (every file empty or whitespace); check --input / "
+                            "--dataset and --text-field")
+        out.mkdir(parents=True, exist_ok=True)
+        _create_once(out / PLAN_FILE, json.dumps({**plan, "piece_documents": counts, "documents": total,
+                                                  "created": now()}, indent=1).encode())
+        there = check_parts_out(out, plan)  # the plan of whichever task wrote it first
+        if there.get("piece_documents") != counts:
+            raise DataError(f"the input holds {total:,} documents, but {out} was started on {there.get('documents')!r} "
+                            f"(the input changed?); give every task the same input, or pick another --out")
+    if not (out / "tokenizer.json").exists():
+        _create_once(out / "tokenizer.json", Path(tokenizer_path).read_bytes())
+    return there
+
+
+def plan_shards(pieces: list[InputPiece], tokenizer_path: str | Path, out_dir: str | Path, num_shards: int, *,
+                val_fraction: float = 0.01, source: str = "", limits: dict | None = None) -> dict:
+    """Counts the documents once and writes the plan (OUT/parts.json) for num_shards tasks, so that
+    none of them has to read the whole input; returns it. A plan already there is checked, kept."""
+    out = Path(out_dir)
+    _, plan = _plan(pieces, tokenizer_path, num_shards, val_fraction, source, limits)
+    return _ensure_plan(out, plan, pieces, tokenizer_path, check_parts_out(out, plan))
+
+
+def _slice(pieces: list[InputPiece], counts: list[int], first: int, end: int) -> Iterator[str]:
+    """Documents [first, end) of the pieces, opening only those the range overlaps."""
+    start = 0
+    for piece, n in zip(pieces, counts):
+        lo, hi = max(first - start, 0), min(end - start, n)
+        if lo < hi:
+            yield from itertools.islice(piece.documents(), lo, hi)
+        start += n
+
+
+def prepare_shard(pieces: list[InputPiece], tokenizer_path: str | Path, out_dir: str | Path, shard: Shard, *,
+                  val_fraction: float = 0.01, workers: int | None = 1, source: str = "", limits: dict | None = None,
+                  batch_docs: int = 1000, log: Callable[[str], None] = print) -> dict:
+    """Prepares shard `shard` of the input's documents into OUT/parts/<i>-of-<N>/; returns its
+    meta.json's dict, with "skipped": True when the part was complete already."""
+    out = Path(out_dir)
+    tok, plan = _plan(pieces, tokenizer_path, shard.count, val_fraction, source, limits)
+    there = check_parts_out(out, plan)
     part = out / PARTS_DIR / shard.name
-    redo = f"it is redone by running --shard {shard} again"
     if (part / "meta.json").is_file():
         try:
-            meta = part_meta(part, redo)
+            meta = part_meta(part, f"it is redone by running --shard {shard} again")
         except DataError as e:
             log(f"shard {shard}: {e}")
         else:
@@ -106,20 +185,8 @@ def prepare_shard(make_docs: Callable[[], Iterator[str]], tokenizer_path: str | 
             return {**meta, "skipped": True}
 
     refuse_if_running(out / PARTS_DIR, shard)
-    total = sum(1 for _ in make_docs())  # the slice bounds need the whole input's count
-    if total < shard.count:
-        raise DataError(f"the input holds {total:,} document(s), fewer than --shard's {shard.count} slices; use "
-                        f"at most {total} shards" if total else
-                        "the input holds no documents (every file empty or whitespace); check --input / --dataset "
-                        "and --text-field")
-    out.mkdir(parents=True, exist_ok=True)
-    _create_once(out / PLAN_FILE, json.dumps({**plan, "documents": total, "created": now()}, indent=1).encode())
-    there = check_parts_out(out, plan)  # the plan of whichever task wrote it first
-    if there.get("documents") != total:
-        raise DataError(f"the input holds {total:,} documents, but {out} was started on {there.get('documents')!r} "
-                        f"(the input changed?); give every task the same input, or pick another --out")
-    if not (out / "tokenizer.json").exists():
-        _create_once(out / "tokenizer.json", Path(tokenizer_path).read_bytes())
+    there = _ensure_plan(out, plan, pieces, tokenizer_path, there)
+    total, dtype = there["documents"], np.dtype(plan["dtype"])
     (out / PARTS_DIR).mkdir(exist_ok=True)
     _remove_leftovers(out / PARTS_DIR, shard, log)
 
@@ -129,14 +196,14 @@ def prepare_shard(make_docs: Callable[[], Iterator[str]], tokenizer_path: str | 
     tmp.mkdir()
     try:
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        docs = itertools.islice(make_docs(), first, end)
+        docs = _slice(pieces, there["piece_documents"], first, end)
         last_shard = shard.index == shard.count - 1
         move_last = last_shard and val_fraction > 0 and total >= 2 and not _any_val(total, val_fraction)
-        counts = _write_part(docs, tok, tokenizer_path, plan["tokenizer_sha256"], eot, dtype, tmp, val_fraction,
-                             workers, batch_docs, first, move_last)
+        counts = _write_part(docs, tok, tokenizer_path, plan["tokenizer_sha256"], plan["eot_id"], dtype, tmp,
+                             val_fraction, workers, batch_docs, first, move_last)
         meta = {"format": PART_FORMAT, **{k: plan[k] for k in PLAN_KEYS}, "shard": shard.index,
-                "dtype": dtype.name, "vocab_size": vocab, "eot_id": eot, "first_document": first,
-                "documents": end - first, "total_documents": total,
+                "dtype": dtype.name, "vocab_size": plan["vocab_size"], "eot_id": plan["eot_id"],
+                "first_document": first, "documents": end - first, "total_documents": total,
                 "splits": {name: {"file": f"{name}.bin", **counts[name]} for name in SPLITS}, "created": now()}
         (tmp / OWNER_FILE).unlink()
         _write_synced(tmp / "meta.json", json.dumps(meta, indent=1).encode() + b"\n")  # last: marks it complete

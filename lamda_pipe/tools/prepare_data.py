@@ -39,10 +39,18 @@ def parse_args(argv):
     p.add_argument("--shard", type=_shard, default=None, metavar="i/N",
                    help="prepare only slice i of N of the documents into OUT/parts/ (a Slurm array task: "
                         "scripts/slurm/prepare.sbatch); complete parts are skipped, so rerun freely")
+    p.add_argument("--plan-shards", type=int, default=None, metavar="N",
+                   help="count the documents once and write the plan for --shard i/N tasks (OUT/parts.json), so "
+                        "that each task reads only its own files; run it before the array")
     args = p.parse_args(argv)
+    if args.shard is not None and args.plan_shards is not None:
+        raise DataError("--plan-shards and --shard are separate steps: plan once, then run each --shard i/N task")
+    if args.plan_shards is not None and args.plan_shards < 1:
+        raise DataError(f"--plan-shards must be >= 1, got {args.plan_shards}")
     if args.tokenizer is None:
-        if args.shard is not None:
-            raise DataError("--shard needs --tokenizer: every shard must use the same one; train it once on a sample "
+        if args.shard is not None or args.plan_shards is not None:
+            step = "--shard" if args.shard is not None else "--plan-shards"
+            raise DataError(f"{step} needs --tokenizer: every shard must use the same one; train it once on a sample "
                             "(lamda-train-tokenizer --input ... --max-bytes 2G --out tok.json) and pass --tokenizer "
                             "tok.json to every task")
         p.error("the following arguments are required: --tokenizer")
@@ -67,7 +75,7 @@ def _run(argv) -> int:
         raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.format == "dialog":
         return _run_dialog(args)
-    if args.shard is not None:
+    if args.shard is not None or args.plan_shards is not None:
         return _run_shard(args)
     args.batch_docs = 1000 if args.batch_docs is None else args.batch_docs
     if (args.workers is not None and args.workers < 1) or args.batch_docs < 1:
@@ -98,12 +106,13 @@ TEXT_ONLY = {"--dataset": lambda a: a.dataset is not None, "--config": lambda a:
              "--split": lambda a: a.split is not None, "--streaming": lambda a: a.streaming,
              "--text-field": lambda a: a.text_field != "text", "--max-docs": lambda a: a.max_docs is not None,
              "--max-bytes": lambda a: a.max_bytes is not None, "--workers": lambda a: a.workers is not None,
-             "--batch-docs": lambda a: a.batch_docs is not None, "--shard": lambda a: a.shard is not None}
+             "--batch-docs": lambda a: a.batch_docs is not None, "--shard": lambda a: a.shard is not None,
+             "--plan-shards": lambda a: a.plan_shards is not None}
 
 
 def _run_shard(args) -> int:
     from ..data.parts import parts_status, shard_list
-    from ..data.prepare_parts import prepare_shard
+    from ..data.prepare_parts import input_pieces, plan_shards, prepare_shard
     from ..data.tokenizer import eot_id, load_tokenizer
 
     if args.force:
@@ -119,10 +128,18 @@ def _run_shard(args) -> int:
     source = describe_source(kwargs["inputs"], kwargs["dataset"], kwargs["config"], kwargs["split"],
                              kwargs["text_field"])
     limits = {k: kwargs[k] for k in ("max_docs", "max_bytes") if kwargs[k] is not None}
+    pieces = input_pieces(kwargs)
     start = time.perf_counter()
-    meta = prepare_shard(lambda: iter_documents(**kwargs), args.tokenizer, args.out, args.shard,
-                         val_fraction=args.val_fraction, workers=args.workers, source=source, limits=limits,
-                         batch_docs=batch_docs, log=lambda line: print(line, flush=True))
+    if args.plan_shards is not None:
+        plan = plan_shards(pieces, args.tokenizer, args.out, args.plan_shards, val_fraction=args.val_fraction,
+                           source=source, limits=limits)
+        print(f"plan for {plan['num_shards']} shards: {plan['documents']:,} documents in {len(pieces)} input "
+              f"piece(s), counted in {time.perf_counter() - start:.1f} s; now run --shard i/{plan['num_shards']} for i "
+              f"in 0..{plan['num_shards'] - 1} (wrote {args.out / 'parts.json'})")
+        return 0
+    meta = prepare_shard(pieces, args.tokenizer, args.out, args.shard, val_fraction=args.val_fraction,
+                         workers=args.workers, source=source, limits=limits, batch_docs=batch_docs,
+                         log=lambda line: print(line, flush=True))
     if not meta["skipped"]:
         seconds = time.perf_counter() - start
         splits = meta["splits"]
@@ -130,7 +147,7 @@ def _run_shard(args) -> int:
         print(f"shard {args.shard}: documents {meta['first_document']:,} to "
               f"{meta['first_document'] + meta['documents'] - 1:,} of {meta['total_documents']:,}: "
               f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens in {seconds:.1f} s "
-              f"({total / seconds:,.0f} tokens/s, counting included)")
+              f"({total / seconds:,.0f} tokens/s)")
     plan, todo = parts_status(args.out)
     if todo:
         print(f"{plan['num_shards'] - len(todo)} of {plan['num_shards']} parts complete; still to run: shard(s) "
