@@ -5,11 +5,15 @@ root, slurm-wlm and munge), against one `lamda-prepare-data` process on the same
 in the same run.
 
 Input: the bundled corpus, every copy's chapters marked with the copy number, repeated to --mb
-megabytes in four .txt files. Tokenizer: trained on the first MB (--vocab-size). Each round runs
-the array (--tasks tasks, one core each: the node runs as many at a time as it has cores) into a
-fresh dir, timed from sbatch to the end of its last task, and the one-process CLI with one worker
-per core; the order alternates. Tokens are all tokens written (end-of-text ids included), the same
-count for both. Times are medians.
+megabytes in four .txt files. Tokenizer: trained on the first MB (--vocab-size). Each round runs,
+in an order that alternates, into fresh dirs:
+- "array, planned": `--plan-shards N` (one process, as the plan job would), then the array
+  (--tasks tasks, one core each: the node runs as many at a time as it has cores), timed from the
+  plan's start to the end of the array's last task;
+- "array, no plan": the array alone, every task of the first wave counting the whole input;
+- "one process": the one-process CLI with one worker per core.
+Tokens are all tokens written (end-of-text ids included), the same count for every variant.
+Times are medians.
 
     .venv/bin/python bench/data_prep_slurm.py                          # 4 tasks, 20 MB, 3 rounds
     .venv/bin/python bench/data_prep_slurm.py --tasks 8 --mb 40 --json /tmp/bench/prep_slurm.json
@@ -64,8 +68,7 @@ def write_inputs(d: Path, mb: float) -> list[Path]:
     return paths
 
 
-def run_array(slurm: SlurmCluster, env: dict, tasks: int, logs: Path) -> float:
-    start = time.perf_counter()
+def run_array(slurm: SlurmCluster, env: dict, tasks: int, logs: Path) -> None:
     job = slurm.sbatch("--array", f"0-{tasks - 1}", "--cpus-per-task", "1", "--output", str(logs / "p-%A_%a.out"),
                        str(ROOT / "scripts" / "slurm" / "prepare.sbatch"), env=env, cwd=ROOT)
     while True:
@@ -74,14 +77,12 @@ def run_array(slurm: SlurmCluster, env: dict, tasks: int, logs: Path) -> float:
         if len(states) == tasks and all(s not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") for s in states):
             break
         time.sleep(0.05)
-    seconds = time.perf_counter() - start
     if set(states) != {"COMPLETED"}:
         raise SystemExit(f"array {job}: {states}\n" + "\n".join(p.read_text() for p in logs.glob(f"p-{job}_*")))
-    return seconds
 
 
 def task_seconds(logs: Path) -> list[float]:
-    """Each task's own time (counting and tokenizing), from its log."""
+    """Each task's own time (reading, counting if it has no plan, tokenizing), from its log."""
     return [float(m.group(1)) for p in logs.glob("p-*") for m in re.finditer(r" tokens in ([\d.]+) s ", p.read_text())]
 
 
@@ -102,17 +103,25 @@ def main(argv=None) -> int:
         train_tokenizer(iter_documents([str(p) for p in inputs], max_bytes=1 << 20), args.vocab_size).save(str(tok))
         slurm.start()
         cores = usable_cores()
-        times = {"array": [], "one process": []}
-        tokens, per_task = {}, []
+        names = ["array, planned", "array, no plan", "one process"]
+        times = {name: [] for name in names}
+        tokens, per_task, plan_s = {}, {name: [] for name in names[:2]}, []
         for r in range(args.repeats):
-            for name in (["array", "one process"] if r % 2 == 0 else ["one process", "array"]):
-                out, logs = work / f"out-{r}-{name[0]}", work / f"logs-{r}"
-                logs.mkdir(exist_ok=True)
-                if name == "array":
+            for k, name in enumerate(names if r % 2 == 0 else names[::-1]):
+                out, logs = work / f"out-{r}-{k}", work / f"logs-{r}-{k}"
+                logs.mkdir()
+                if name.startswith("array"):
                     env = sbatch_env(work, 1, LAMDA_PREP_ARGS="--input " + " ".join(map(str, inputs)),
                                      LAMDA_TOKENIZER=str(tok), LAMDA_DATA_OUT=str(out))
-                    times[name].append(run_array(slurm, env, args.tasks, logs))
-                    per_task += task_seconds(logs)
+                    t = time.perf_counter()
+                    if name == "array, planned":
+                        subprocess.run([sys.executable, "-m", "lamda_pipe.tools.prepare_data", "--input",
+                                        *map(str, inputs), "--tokenizer", str(tok), "--out", str(out), "--plan-shards",
+                                        str(args.tasks)], check=True, capture_output=True, cwd=ROOT)
+                        plan_s.append(time.perf_counter() - t)
+                    run_array(slurm, env, args.tasks, logs)
+                    times[name].append(time.perf_counter() - t)  # the plan included
+                    per_task[name] += task_seconds(logs)
                 else:
                     t = time.perf_counter()
                     subprocess.run([sys.executable, "-m", "lamda_pipe.tools.prepare_data", "--input", *map(str, inputs),
@@ -135,15 +144,17 @@ def main(argv=None) -> int:
             "repeats": args.repeats, "load_average": os.getloadavg()[0]}
     rows = [{"variant": name, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
              "tokens_per_s": n / statistics.median(ts)} for name, ts in times.items()]
-    print(f"{info['date']}, {info['host']}, {cores} cores, {args.mb:.0f} MB, {n:,} tokens, array of {args.tasks} tasks "
+    print(f"{info['date']}, {info['host']}, {cores} cores, {args.mb:.0f} MB, {n:,} tokens, arrays of {args.tasks} tasks "
           f"(1 core each), medians of {args.repeats}, load average {info['load_average']:.2f} at the end")
     for row in rows:
-        print(f"{row['variant']:<14} {row['median_s']:6.2f} s ({row['min_s']:.2f}-{row['max_s']:.2f}) "
+        print(f"{row['variant']:<16} {row['median_s']:6.2f} s ({row['min_s']:.2f}-{row['max_s']:.2f}) "
               f"{row['tokens_per_s']:>12,.0f} tokens/s")
-    print(f"array tasks' own time (counting + tokenizing): median {statistics.median(per_task):.2f} s, "
-          f"max {max(per_task):.2f} s")
+    print(f"plan (--plan-shards, one process): median {statistics.median(plan_s):.2f} s")
+    for name, ts in per_task.items():
+        print(f"{name}: the tasks' own time: median {statistics.median(ts):.2f} s, max {max(ts):.2f} s")
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "results": rows, "task_seconds": per_task}, indent=1))
+        args.json.write_text(json.dumps({"info": info, "results": rows, "task_seconds": per_task,
+                                         "plan_seconds": plan_s}, indent=1))
     return 0
 
 
