@@ -111,6 +111,21 @@ def test_complete_parts_are_skipped_and_say_so(tok_path, tmp_path):
     assert again["skipped"] and not first["skipped"]
     assert lines == [f"shard 1/3: {part} is complete ({first['documents']:,} documents); skipped"]
     assert {p.name: p.stat().st_mtime_ns for p in part.iterdir()} == stamp
+    # a damaged meta.json: the part is redone (a lost tokenizer.json comes back with any shard)
+    for i in (0, 2):
+        shard(tok_path, out, i, 3)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer.json is missing; run any shard again"):
+        read_meta(out)
+    (part / "meta.json").write_text(json.dumps({"format": "lamda-pipe-part/1"}))
+    lines.clear()
+    assert not shard(tok_path, out, 1, 3, log=lines.append)["skipped"]
+    assert lines[0] == f"shard 1/3: {part}/meta.json: no train split with file and tokens (damaged); it is redone by " \
+                       f"running --shard 1/3 again"
+    assert lines[1:] == ["shard 1/3: removing 00001-of-00003, incomplete"]
+    (out / "tokenizer.json").unlink()
+    assert shard(tok_path, out, 1, 3)["skipped"]
+    assert read_meta(out)["num_shards"] == 3
 
 
 def test_an_interrupted_part_looks_incomplete_and_is_redone(tok_path, tmp_path):

@@ -2,7 +2,9 @@
 
 A prepared data dir (written by `lamda-prepare-data`, see lamda_pipe/data/prepare.py) holds
 train.bin / val.bin (token ids, each document followed by end-of-text), tokenizer.json and
-meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...".
+meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...". A dir
+prepared in parts by `--shard i/N` tasks (data/parts.py) reads as one source, the same as the
+dir one process would have written.
 
 Sampling, in three layers, each a pure function of its index so that nothing has to be
 communicated or saved except one number, the samples consumed so far:

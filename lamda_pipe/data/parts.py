@@ -100,8 +100,11 @@ def part_meta(part: Path, fix: str) -> dict:
     if meta is None:
         raise DataError(f"{part}: no meta.json (incomplete); {fix}")
     for name in SPLITS:
-        info = meta["splits"][name]
-        path, want = part / info["file"], info["tokens"] * np.dtype(meta["dtype"]).itemsize
+        try:
+            info = meta["splits"][name]
+            path, want = part / info["file"], info["tokens"] * np.dtype(meta["dtype"]).itemsize
+        except (KeyError, TypeError):
+            raise DataError(f"{part}/meta.json: no {name} split with file and tokens (damaged); {fix}") from None
         if not path.is_file() or path.stat().st_size != want:
             raise DataError(f"{path}: missing or not {want} bytes as meta.json says (truncated?); {fix}")
     return meta
@@ -132,7 +135,8 @@ def read_parts_meta(data_dir: str | Path) -> dict:
                         f"scripts/slurm/prepare.sbatch: sbatch --array={shard_list(todo)} with LAMDA_SHARDS={n}; "
                         f"complete parts are skipped)")
     if not (d / "tokenizer.json").is_file():
-        raise DataError(f"{d}: tokenizer.json is missing; run any shard again (--shard i/{n}) to restore it")
+        raise DataError(f"{d}: tokenizer.json is missing; run any shard again (--shard i/{n}, with the tokenizer the "
+                        f"parts were prepared with) to restore it")
     parts = [d / PARTS_DIR / part_name(i, n) for i in range(n)]
     metas = [part_meta(p, "") for p in parts]
     expect = 0

@@ -4,7 +4,8 @@ A prepared dir holds train.bin and val.bin (raw little-endian token ids, uint16 
 vocabulary fits, else uint32; every document followed by the end-of-text id), a copy of the
 tokenizer as tokenizer.json, and meta.json (schema: `prepare_data`). It is built in a sibling
 OUT.tmp-<pid> and renamed into place with meta.json already written, so a dir named OUT that
-has a meta.json is complete; an interrupted run leaves at most an OUT.tmp-<pid>.
+has a meta.json is complete; an interrupted run leaves at most an OUT.tmp-<pid>. A dir can also
+be written in parts, one slice of the input per task (`--shard i/N`: parts.py, prepare_parts.py).
 
 Dialog dirs (meta.json "kind": "dialog", written by prepare_dialog.py) add a loss mask and an
 example index per split; a dir without "kind" holds plain text.

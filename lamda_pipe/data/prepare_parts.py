@@ -182,6 +182,8 @@ def prepare_shard(pieces: list[InputPiece], tokenizer_path: str | Path, out_dir:
             log(f"shard {shard}: {e}")
         else:
             log(f"shard {shard}: {part} is complete ({meta['documents']:,} documents); skipped")
+            if not (out / "tokenizer.json").exists():  # the plan's hash is this tokenizer's (checked above)
+                _create_once(out / "tokenizer.json", Path(tokenizer_path).read_bytes())
             return {**meta, "skipped": True}
 
     refuse_if_running(out / PARTS_DIR, shard)
