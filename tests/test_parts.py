@@ -356,3 +356,14 @@ def test_a_part_from_another_dir_is_refused(tok_path, tmp_path):
         shutil.rmtree(part)
         shutil.move(saved, part)
     assert read_meta(tmp_path / "a")["num_shards"] == 2
+
+
+def test_a_dir_of_parts_named_data_is_not_taken_for_the_bundled_corpus(tok_path, tmp_path):
+    """A resume compares data by name; a dir named 'data' without meta.json would otherwise look
+    like a moved demo run's bundled corpus (loader.is_bundled_data)."""
+    from lamda_pipe.data.loader import is_bundled_data
+
+    data = tmp_path / "shared" / "data"
+    assert is_bundled_data(str(data), tmp_path / "run")  # a missing '.../data': a moved demo run's
+    shard(tok_path, data, 0, 1)
+    assert not is_bundled_data(str(data), tmp_path / "run")
