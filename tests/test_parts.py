@@ -181,7 +181,7 @@ def test_missing_parts_are_named_before_training(tok_path, tmp_path):
     ("tokenizer", "--out OUT was started with another tokenizer (sha256 "),
     ("val", "--out OUT was started with val_fraction 0.05, this task has 0.1; give every task the same input and "
             "options, or pick another --out"),
-    ("files", "the input differs from the one OUT was started on: 6 input files then, 2 now; give every task the "
+    ("files", "the input differs from the one OUT was started on: 6 input pieces then, 2 now; give every task the "
               "same input (unchanged while the dir is prepared), or pick another --out"),
 ])
 def test_a_task_that_disagrees_with_the_dir_is_refused(tok_path, other_tok, tmp_path, case, message):
@@ -205,7 +205,7 @@ def test_a_changed_input_is_refused(tok_path, tmp_path):
     shard(tok_path, out, 0, 2, parts=pieces(files))
     with files[1].open("a") as f:
         f.write("\n\none more")
-    with pytest.raises(DataError, match=rf"^the input differs from the one {out} was started on: {files[1]} \(68 bytes "
+    with pytest.raises(DataError, match=rf"^the input differs from the one {out} was started on: {files[1]} \(size 68 "
                                         rf"then, 78 now\); give every task the same input"):
         shard(tok_path, out, 1, 2, parts=pieces(files))
     assert not (out / "parts" / "00001-of-00002").exists()
@@ -367,3 +367,34 @@ def test_a_dir_of_parts_named_data_is_not_taken_for_the_bundled_corpus(tok_path,
     assert is_bundled_data(str(data), tmp_path / "run")  # a missing '.../data': a moved demo run's
     shard(tok_path, data, 0, 1)
     assert not is_bundled_data(str(data), tmp_path / "run")
+
+
+def test_a_dataset_is_counted_in_row_ranges_and_gives_the_one_process_tokens(tok_path, tmp_path, monkeypatch):
+    """A Hugging Face dataset that is not streamed: pieces of rows (empty rows skipped as
+    iter_documents skips them); streamed, the whole dataset is one piece."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    texts = [d if i % 10 else "  " for i, d in enumerate(iter_documents(FILES))]
+    (tmp_path / "ds").mkdir()
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "ds" / "train.parquet"))
+    source = {"inputs": None, "dataset": str(tmp_path / "ds"), "config": None, "split": "train", "text_field": "text",
+              "streaming": False, "max_docs": None, "max_bytes": None}
+    rows = input_pieces(source)
+    assert [(p.name, p.size) for p in rows[:2]] == [("rows 0-0", 1), ("rows 1-1", 1)] and len(rows) == 149
+    assert [p.name for p in input_pieces({**source, "streaming": True})] == ["the whole input"]
+    out = tmp_path / "parts"
+    plan = plan_shards(rows, tok_path, out, 3, val_fraction=0.05)
+    assert plan["documents"] == 149 - 15 and plan["piece_documents"][:11] == [0] + [1] * 9 + [0]
+    for i in range(3):
+        prepare_shard(rows, tok_path, out, Shard(i, 3), val_fraction=0.05, workers=1, log=lambda line: None)
+    one = prepare_data(iter_documents(dataset=str(tmp_path / "ds")), tok_path, tmp_path / "one", val_fraction=0.05,
+                       workers=1, progress=False)
+    a, b = DataSource(tmp_path / "one", 1.0, one), DataSource(out, 1.0, read_meta(out))
+    for split in ("train", "val"):
+        assert np.array_equal(whole(a, split), whole(b, split))

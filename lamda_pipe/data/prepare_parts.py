@@ -2,8 +2,8 @@
 --shard i/N`, one task per slice of the input, each resumable on its own.
 
 The slice bounds depend on the input's document count, so the documents are counted once, per
-input piece (a file; or the whole input for a Hugging Face dataset or with --max-docs /
---max-bytes), and recorded in the plan, OUT/parts.json: by `--plan-shards N` before the array
+input piece (a file; a range of a Hugging Face dataset's rows; the whole input for a streamed
+dataset or with --max-docs / --max-bytes), and recorded in the plan, OUT/parts.json: by `--plan-shards N` before the array
 (a plan job), or else by the first task that finds no plan. A task with the plan reads only the
 pieces its slice overlaps, from the first of them up to the end of its slice. A document goes to
 validation by its index in the whole input (prepare.py's rule); only the last shard can apply
@@ -13,7 +13,7 @@ A part is built in OUT/parts/<name>.tmp-PID with meta.json written last, then re
 a killed task leaves only its work dir, which the shard's next run removes. A complete part is
 skipped on a rerun. The plan and tokenizer.json are each created atomically (a hard link that
 fails if another task won); every task compares its own plan (N, tokenizer, options, the input's
-file names and sizes) with the one there before any work.
+pieces and their sizes) with the one there before any work.
 """
 
 from __future__ import annotations
@@ -47,17 +47,42 @@ class InputPiece:
 
 
 def input_pieces(source: dict) -> list[InputPiece]:
-    """lamda_pipe.tools.source_kwargs(args) -> the pieces: one per file (they yield, in order, what
-    iter_documents yields for all of them), or the whole input where documents cannot be counted
-    per file (a dataset; --max-docs / --max-bytes, which count across files)."""
+    """lamda_pipe.tools.source_kwargs(args) -> the pieces, which yield in order what iter_documents
+    yields: one per file; for a Hugging Face dataset that is not streamed, up to ROW_PIECES ranges
+    of rows; the whole input where nothing smaller can be counted on its own (a streamed dataset;
+    --max-docs / --max-bytes, which count across files)."""
     from .text_sources import iter_documents, resolve_inputs
 
-    if source.get("dataset") is not None or source.get("max_docs") is not None or \
-            source.get("max_bytes") is not None:
+    if source.get("max_docs") is not None or source.get("max_bytes") is not None or \
+            (source.get("dataset") is not None and source.get("streaming")):
         return [InputPiece("the whole input", None, functools.partial(iter_documents, **source))]
+    if source.get("dataset") is not None:
+        return _row_pieces(source)
     return [InputPiece(str(path), path.stat().st_size,
                        functools.partial(iter_documents, inputs=[str(path)], text_field=source["text_field"]))
             for path, _ in resolve_inputs(source["inputs"])]
+
+
+ROW_PIECES = 1024  # a dataset's rows are counted in at most this many ranges (the plan lists each)
+
+
+def _row_pieces(source: dict) -> list[InputPiece]:
+    from .text_sources import _load_hf_dataset
+
+    ds = _load_hf_dataset(source["dataset"], source.get("config"), source.get("split", "train"), False)
+    rows = len(ds)
+    step = max(1, -(-rows // ROW_PIECES))
+    return [InputPiece(f"rows {a}-{min(a + step, rows) - 1}", min(a + step, rows) - a,
+                       functools.partial(_row_documents, ds, a, min(a + step, rows), source["text_field"],
+                                         f"--dataset {source['dataset']}"))
+            for a in range(0, rows, step)]
+
+
+def _row_documents(ds, first: int, end: int, text_field: str, where: str) -> Iterator[str]:
+    # iter_documents' rules (text checked, empty documents skipped) on rows [first, end)
+    from .text_sources import _hf_documents, _limited
+
+    return _limited(_hf_documents(ds.select(range(first, end)), text_field, where), None, None)
 
 
 def check_parts_out(out: Path, plan: dict) -> dict | None:
@@ -91,8 +116,8 @@ def check_parts_out(out: Path, plan: dict) -> dict | None:
                             f"give every task the same input and options, or {other}")
     theirs, ours = [tuple(p) for p in there.get("pieces", [])], [tuple(p) for p in plan["pieces"]]
     if theirs != ours:
-        diff = next((f"{a[0]} ({a[1]} bytes then, {b[1]} now)" if a[0] == b[0] else f"{a[0]}, now {b[0]}"
-                     for a, b in zip(theirs, ours) if a != b), f"{len(theirs)} input files then, {len(ours)} now")
+        diff = next((f"{a[0]} (size {a[1]} then, {b[1]} now)" if a[0] == b[0] else f"{a[0]}, now {b[0]}"
+                     for a, b in zip(theirs, ours) if a != b), f"{len(theirs)} input pieces then, {len(ours)} now")
         raise DataError(f"the input differs from the one {out} was started on: {diff}; give every task the same "
                         f"input (unchanged while the dir is prepared), or pick another --out")
     return there
