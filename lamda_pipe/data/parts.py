@@ -3,9 +3,11 @@ scripts/slurm/prepare.sbatch; the writing is in prepare_parts.py), read in train
 
 Layout (text data only):
 
-    OUT/parts.json                   the plan: N, tokenizer sha256, options, the input's document
-                                     count; written once, by the first task, and checked by every
-                                     later one (another N, tokenizer or option is refused)
+    OUT/parts.json                   the plan: N, tokenizer sha256, options, the input's pieces
+                                     (files or row ranges, with sizes) and their document counts;
+                                     written once (by --plan-shards, or by the first task) and
+                                     checked by every task (another N, tokenizer, option or input
+                                     is refused)
     OUT/tokenizer.json               the tokenizer every task used
     OUT/parts/00003-of-00016/        shard 3: train.bin, val.bin and meta.json, as in a plain dir
     OUT/parts/00003-of-00016.tmp-PID a task at work (or killed): never read, removed on a rerun
