@@ -9,6 +9,9 @@ end-of-text ids prepare_data adds, so both sides count the same thing.
 
     .venv/bin/python bench/data_prep.py                      # ~10 MB, 5 rounds
     .venv/bin/python bench/data_prep.py --mb 20 --repeats 7 --json /tmp/data_prep.json
+    .venv/bin/python bench/data_prep.py --workers 1 2 4      # how one machine scales with workers
+
+The rate of a Slurm array of `--shard` tasks: bench/data_prep_slurm.py.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--mb", type=float, default=10.0, help="megabytes of text (bundled corpus repeated)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per variant")
-    p.add_argument("--workers", type=int, default=None, help="prepare_data workers (default: all cores)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="prepare_data worker counts, one pair of variants each (default: all cores)")
     p.add_argument("--batch-docs", type=int, default=1000)
     p.add_argument("--json", type=Path, default=None, help="write the results to this file")
     return p.parse_args(argv)
@@ -46,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workers = args.workers or usable_cores()
+    worker_counts = args.workers or [usable_cores()]
     # Imported here, not at the top: prepare_data's spawned workers re-import this script, and
     # lamda_pipe.data brings in torch (~2-4 s per worker, which would be timed as prepare_data's).
     from lamda_pipe.data.loader import bundled_corpus
@@ -69,8 +73,11 @@ def main(argv=None) -> int:
         def raw_fast():  # what prepare_data calls: the same ids, no offsets
             return sum(len(e.ids) for e in tok.encode_batch_fast(docs))
 
-        def prepared(source):
+        def prepared(source, workers, threads=True):
             def run():
+                # workers=1 encodes in this process, where encode_batch_fast runs on the tokenizer's
+                # own threads (all cores) unless its parallelism is off; pool workers turn it off.
+                os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
                 meta = prepare_data(source(), tok_path, work / "out", workers=workers, force=True,
                                     batch_docs=args.batch_docs, progress=False)
                 s = meta["splits"]
@@ -80,9 +87,13 @@ def main(argv=None) -> int:
         variants = {
             "raw encode_batch": raw,
             "raw encode_batch_fast": raw_fast,
-            f"prepare_data, {workers} workers": prepared(lambda: docs),
-            f"prepare_data, {workers} workers, from .txt": prepared(lambda: iter_documents([str(txt)])),
         }
+        for w in worker_counts:
+            variants[f"prepare_data, {w} workers"] = prepared(lambda: docs, w)
+            variants[f"prepare_data, {w} workers, from .txt"] = prepared(lambda: iter_documents([str(txt)]), w)
+            if w == 1:
+                variants["prepare_data, 1 worker, 1 thread, from .txt"] = prepared(
+                    lambda: iter_documents([str(txt)]), 1, threads=False)
         times = {name: [] for name in variants}
         tokens = {}
         for name, fn in variants.items():  # warm-up: page cache, tokenizer caches, lazy imports
@@ -94,6 +105,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 variants[name]()
                 times[name].append(time.perf_counter() - t)
+                os.environ["TOKENIZERS_PARALLELISM"] = "true"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -105,15 +117,16 @@ def main(argv=None) -> int:
         rows.append({"variant": name, "median_s": med, "min_s": min(ts), "max_s": max(ts),
                      "tokens_per_s": n_tokens / med, "vs_raw": base / med})
     info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-            "tokenizers": tokenizers.__version__, "cores": usable_cores(), "workers": workers,
+            "tokenizers": tokenizers.__version__, "cores": usable_cores(), "workers": worker_counts,
             "text_mb": text_bytes / 1e6, "documents": len(docs), "tokens": n_tokens,
             "vocab_size": tok.get_vocab_size(), "repeats": args.repeats, "batch_docs": args.batch_docs}
-    print(f"{info['text_mb']:.1f} MB, {len(docs):,} documents, {n_tokens:,} tokens, vocab {info['vocab_size']}, "
-          f"{info['cores']} cores, tokenizers {info['tokenizers']}, medians of {args.repeats}")
-    print(f"{'variant':<40} {'s (min-max)':>20} {'tokens/s':>12} {'vs raw':>7}")
+    print(f"{info['date']}, {platform.node()}, {info['text_mb']:.1f} MB, {len(docs):,} documents, {n_tokens:,} "
+          f"tokens, vocab {info['vocab_size']}, {info['cores']} cores, load average {os.getloadavg()[0]:.2f}, "
+          f"tokenizers {info['tokenizers']}, medians of {args.repeats}")
+    print(f"{'variant':<46} {'s (min-max)':>20} {'tokens/s':>12} {'vs raw':>7}")
     for row in rows:
         spread = f"{row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f})"
-        print(f"{row['variant']:<40} {spread:>20} {row['tokens_per_s']:>12,.0f} {row['vs_raw']:>6.0%}")
+        print(f"{row['variant']:<46} {spread:>20} {row['tokens_per_s']:>12,.0f} {row['vs_raw']:>6.0%}")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": rows}, indent=1))
     return 0

@@ -303,8 +303,9 @@ def test_cli_hub_dataset_offline(tok_path, tmp_path):
 @pytest.mark.launch
 def test_prepare_and_its_workers_import_no_torch():
     """Each spawned worker imports lamda_pipe.data.prepare (and through it lamda_pipe.distributed,
-    for pid_alive): neither may pull in torch or DeepSpeed, seconds of start-up per worker."""
-    code = ("import sys, lamda_pipe.data.prepare, lamda_pipe.distributed; "
+    for pid_alive): neither may pull in torch or DeepSpeed, seconds of start-up per worker. Nor may
+    a --shard task (data/prepare_parts.py), started once per slice of the input."""
+    code = ("import sys, lamda_pipe.data.prepare, lamda_pipe.distributed, lamda_pipe.data.prepare_parts; "
             "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -47,3 +47,16 @@ def test_the_shared_script_traps_usr1_and_requeues_on_the_trainers_exit_statuses
     assert re.search(rf"^EXIT_REQUEUE={EXIT_REQUEUE}\b", text, re.M)
     assert re.search(rf"^EXIT_HUNG={EXIT_HUNG}\b", text, re.M)
     assert "scontrol requeue" in text
+
+
+def test_the_prepare_script_is_an_array_whose_tasks_rerun_and_log_apart():
+    """prepare.sbatch: an array (its task count is N unless LAMDA_SHARDS says otherwise), requeued
+    after a node failure (the task redoes its part), one log per task (%A_%a), and each task ends
+    in the tool itself (exec), so that a signal reaches the process that cleans up its work dir."""
+    text = (SLURM / "prepare.sbatch").read_text()
+    options = sbatch_options(SLURM / "prepare.sbatch")
+    assert any(re.fullmatch(r"--array=0-\d+", o) for o in options), options
+    assert "--requeue" in options
+    assert any(o.startswith("--output=") and "%A_%a" in o for o in options), options
+    assert '--shard "$SLURM_ARRAY_TASK_ID/$LAMDA_SHARDS"' in text
+    assert re.search(r'^exec "\$\{CMD\[@\]\}"$', text, re.MULTILINE)

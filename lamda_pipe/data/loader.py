@@ -2,7 +2,9 @@
 
 A prepared data dir (written by `lamda-prepare-data`, see lamda_pipe/data/prepare.py) holds
 train.bin / val.bin (token ids, each document followed by end-of-text), tokenizer.json and
-meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...".
+meta.json. `--data` names one dir or a weighted mixture "DIR_A:0.5,DIR_B:0.125,...". A dir
+prepared in parts by `--shard i/N` tasks (data/parts.py) reads as one source, the same as the
+dir one process would have written.
 
 Sampling, in three layers, each a pure function of its index so that nothing has to be
 communicated or saved except one number, the samples consumed so far:
@@ -90,6 +92,8 @@ def is_bundled_data(spec: str, run_dir: Path) -> bool:
     path = Path(spec)
     if path == run_dir / "data":
         return True
+    if (path / "parts.json").is_file():  # prepared in parts (data/parts.py): user data
+        return False
     meta = path / "meta.json"
     if meta.is_file():
         import json
@@ -122,6 +126,9 @@ class DataSource:
 
     def tokens(self, split: str) -> np.ndarray:
         info = self.meta["splits"][split]
+        if "parts" in info:  # a dir of parts (data/parts.py): their files as one sequence
+            from .parts import part_tokens
+            return part_tokens(self.directory, info, self.meta["dtype"])
         if info["tokens"] == 0:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.directory / info["file"], dtype=self.meta["dtype"], mode="r",

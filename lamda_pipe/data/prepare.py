@@ -4,7 +4,8 @@ A prepared dir holds train.bin and val.bin (raw little-endian token ids, uint16 
 vocabulary fits, else uint32; every document followed by the end-of-text id), a copy of the
 tokenizer as tokenizer.json, and meta.json (schema: `prepare_data`). It is built in a sibling
 OUT.tmp-<pid> and renamed into place with meta.json already written, so a dir named OUT that
-has a meta.json is complete; an interrupted run leaves at most an OUT.tmp-<pid>.
+has a meta.json is complete; an interrupted run leaves at most an OUT.tmp-<pid>. A dir can also
+be written in parts, one slice of the input per task (`--shard i/N`: parts.py, prepare_parts.py).
 
 Dialog dirs (meta.json "kind": "dialog", written by prepare_dialog.py) add a loss mask and an
 example index per split; a dir without "kind" holds plain text.
@@ -184,9 +185,10 @@ def _write_splits(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, worke
     return counts
 
 
-def _batches(docs: Iterable[str], batch_docs: int) -> Iterator[tuple[int, list[str]]]:
-    """(index of the first document, documents), at most batch_docs documents / ~BATCH_CHARS each."""
-    first, batch, chars = 0, [], 0
+def _batches(docs: Iterable[str], batch_docs: int, start: int = 0) -> Iterator[tuple[int, list[str]]]:
+    """(index of the first document, documents), at most batch_docs documents / ~BATCH_CHARS each;
+    the first document has index `start` (a shard's place in the whole input, parts.py)."""
+    first, batch, chars = start, [], 0
     for doc in docs:
         batch.append(doc)
         chars += len(doc)
@@ -197,8 +199,8 @@ def _batches(docs: Iterable[str], batch_docs: int) -> Iterator[tuple[int, list[s
         yield first, batch
 
 
-def _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction, workers, batch_docs):
-    tasks = ((first, batch, eot, dtype.str, val_fraction) for first, batch in _batches(docs, batch_docs))
+def _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction, workers, batch_docs, start=0):
+    tasks = ((first, batch, eot, dtype.str, val_fraction) for first, batch in _batches(docs, batch_docs, start))
     if workers == 1:
         yield from (_encode(tok, *task) for task in tasks)
         return
@@ -304,6 +306,10 @@ def _remove_stale_tmp_dirs(out: Path) -> None:
 def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared dir, after checking that the dir is complete; DataError otherwise."""
     d = Path(data_dir)
+    if (d / "parts.json").is_file() and not (d / "meta.json").exists():
+        from .parts import read_parts_meta  # a dir prepared by `--shard i/N` tasks
+
+        return read_parts_meta(d)
     fix = (f"prepare it with `lamda-prepare-data --input FILE ... --tokenizer tokenizer.json --out {d}`")
     if ".tmp-" in d.name:
         raise DataError(f"{d} is the unfinished work dir of a lamda-prepare-data run (interrupted or still "
