@@ -42,6 +42,7 @@ from .tokenizer import EOT, PAD, UNK  # noqa: F401  (re-exported: the special to
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 MIX_BLOCK = 1024  # slots per mixture block; 1/16 weights (LaMDA's mix) are exact
+CHECK_CHUNK = 1 << 26  # tokens per piece of the start-up token-id check
 
 
 def bundled_corpus() -> list[Path]:
@@ -206,7 +207,8 @@ def check_token_ids(source: DataSource, model_vocab: int, rank: int = 0, world_s
         start, end = share(len(tokens), rank, world_size)
         if end <= start:
             continue
-        top = int(tokens[start:end].max())
+        # in pieces: a slice of a dir of parts that crosses parts is a copy (data/parts.py)
+        top = max(int(tokens[i:min(i + CHECK_CHUNK, end)].max()) for i in range(start, end, CHECK_CHUNK))
         if top >= model_vocab:
             own = (f"; the data's own tokenizer has only {source.vocab_size} ids, so the file is damaged or "
                    f"was written by another tool: prepare it again" if top >= source.vocab_size else "")
