@@ -27,7 +27,6 @@ from tests.helpers import TINY_FEW_BUCKETS, tiny_model, train_tiny_tokenizer, wr
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; `test` includes it
 
-pytestmark = pytest.mark.unit
 ATOL = 1e-5
 HF_DIR = Path(__file__).resolve().parent.parent / "lamda_pipe" / "hf"
 
@@ -69,6 +68,7 @@ def tokens(cfg, b=2, t=40, seed=0):
     return torch.randint(0, cfg.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.unit
 def test_hf_dir_holds_what_transformers_and_lamda_pipe_read(source, hf_dir):
     assert sorted(p.name for p in hf_dir.iterdir()) == [
         "config.json", "configuration_lamda.py", "generation_config.json", "model.safetensors", "modeling_lamda.py",
@@ -83,6 +83,7 @@ def test_hf_dir_holds_what_transformers_and_lamda_pipe_read(source, hf_dir):
     assert (hf_dir / "modeling_lamda.py").read_bytes() == (HF_DIR / "modeling_lamda.py").read_bytes()
 
 
+@pytest.mark.unit
 def test_hf_logits_equal_ours(source, ours, theirs):
     assert not theirs.training and next(theirs.parameters()).dtype == torch.float32
     x = tokens(source["cfg"])
@@ -98,6 +99,7 @@ def test_hf_logits_equal_ours(source, ours, theirs):
         assert (flat(x).logits - want).abs().max() > 100 * ATOL
 
 
+@pytest.mark.unit
 def test_hf_incremental_decoding_equals_the_full_forward(source, ours, theirs):
     """Prefill 5 tokens, then one token at a time through the returned cache."""
     x = tokens(source["cfg"], seed=1)
@@ -113,6 +115,7 @@ def test_hf_incremental_decoding_equals_the_full_forward(source, ours, theirs):
     torch.testing.assert_close(full, want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.unit
 def test_hf_left_padding_leaves_the_real_tokens_logits(source, theirs):
     """Relative positions: padding on the left, masked, changes nothing of the tokens after it."""
     x = tokens(source["cfg"], b=1, t=20, seed=2)
@@ -123,6 +126,7 @@ def test_hf_left_padding_leaves_the_real_tokens_logits(source, theirs):
                                    rtol=0, atol=ATOL)
 
 
+@pytest.mark.unit
 def test_hf_greedy_generate_equals_lamda_generate_top_k_1(source, hf_dir, ours, theirs, capsys):
     from transformers import AutoTokenizer
 
@@ -146,6 +150,7 @@ def test_hf_greedy_generate_equals_lamda_generate_top_k_1(source, hf_dir, ours, 
     assert capsys.readouterr().out.splitlines()[-1] == continuation_text(tok, ids[0].tolist(), new)
 
 
+@pytest.mark.unit
 def test_hf_tokenizer_has_the_special_tokens(source, hf_dir):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -160,6 +165,7 @@ def test_hf_tokenizer_has_the_special_tokens(source, hf_dir):
     assert hf_tok.decode(hf_tok(text).input_ids) == tok.decode(tok.encode(text).ids, skip_special_tokens=False)
 
 
+@pytest.mark.unit
 def test_save_pretrained_round_trips_into_both_loaders(source, hf_dir, theirs, ours, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,6 +183,7 @@ def test_save_pretrained_round_trips_into_both_loaders(source, hf_dir, theirs, o
         load_tokenizer(source["tok"]).encode("And God said").ids
 
 
+@pytest.mark.unit
 def test_hf_dir_re_exports_and_inits_a_run(source, hf_dir, tmp_path):
     """An hf dir is an export: lamda-export reads it (to either format), --init-from takes it."""
     from lamda_pipe.train import check_init_source
@@ -195,6 +202,7 @@ def test_hf_dir_re_exports_and_inits_a_run(source, hf_dir, tmp_path):
         check_init_source(hf_dir, source["cfg"].replace(depth=3))
 
 
+@pytest.mark.unit
 def test_hf_export_refusals_are_one_line_and_write_nothing(source, hf_dir, tmp_path, capsys):
     from lamda_pipe.tools.export import main
 
@@ -216,6 +224,7 @@ def test_hf_export_refusals_are_one_line_and_write_nothing(source, hf_dir, tmp_p
         export_checkpoint(source["run"], tmp_path / "x", fmt="onnx")
 
 
+@pytest.mark.unit
 def test_the_modeling_files_import_only_torch_transformers_and_each_other():
     """They travel alone in the export dir: no lamda_pipe (nor anything else) on the other side."""
     allowed = {"math", "torch", "transformers"}
@@ -234,6 +243,7 @@ def test_the_modeling_files_import_only_torch_transformers_and_each_other():
             assert roots <= allowed, (name, roots)
 
 
+@pytest.mark.unit
 def test_no_other_module_of_lamda_pipe_imports_transformers():
     """The trainer and tools must work without transformers: only the two files above name it."""
     package = HF_DIR.parent
@@ -244,3 +254,27 @@ def test_no_other_module_of_lamda_pipe_imports_transformers():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "transformers" for n in names), path
+
+
+IMPORT_ALL = """
+import importlib, pkgutil, sys
+import lamda_pipe
+skip = {"lamda_pipe.hf.configuration_lamda", "lamda_pipe.hf.modeling_lamda"}
+for m in pkgutil.walk_packages(lamda_pipe.__path__, "lamda_pipe."):
+    if m.name not in skip:
+        importlib.import_module(m.name)
+import deepspeed.runtime.pipe.engine
+print(sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+"""
+
+
+@pytest.mark.launch
+def test_importing_lamda_pipe_does_not_import_transformers():
+    """Every module of the package (and DeepSpeed's pipeline engine), in a fresh interpreter
+    where transformers is installed: none of them loads it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 class LaMDAConfig(PretrainedConfig):
     model_type = "lamda"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file beside the config
     keys_to_ignore_at_inference = ["past_key_values"]
     # The names generic tools look for (e.g. an evaluator's context length), mapped to ours.
     attribute_map = {

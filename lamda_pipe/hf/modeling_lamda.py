@@ -131,6 +131,9 @@ class LaMDAPreTrainedModel(PreTrainedModel):
 
 
 class LaMDAForCausalLM(LaMDAPreTrainedModel, GenerationMixin):
+    # save_pretrained copies this file (and the config's) beside the weights, on every transformers version
+    _auto_class = "AutoModelForCausalLM"
+
     def __init__(self, config):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
