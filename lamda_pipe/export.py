@@ -39,8 +39,8 @@ from .data.dialog import DialogTokens
 from .data.tokenizer import ATTRIBUTES
 from .hf.hf_files import HF_FORMAT, hf_config, write_hf_files
 from .model import LaMDA
-from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file,
-                         num_layer_files, resolve_model)
+from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_WEIGHTS_INDEX, RUN_RECORD, TOKENIZER, ModelPath,
+                         RunRecord, layer_file, num_layer_files, resolve_model)
 
 EXPORT_FORMAT = "lamda-pipe-export/2"
 READABLE_FORMATS = ("lamda-pipe-export/1", EXPORT_FORMAT, HF_FORMAT)
@@ -54,7 +54,8 @@ def read_export_meta(path) -> dict:
     """The config.json of an export dir, checking both files are there and its format."""
     path = Path(path)
     config_file = path / EXPORT_CONFIG
-    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
+    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()
+               and not (f == EXPORT_WEIGHTS and (path / EXPORT_WEIGHTS_INDEX).is_file())]
     if missing:
         raise CheckpointError(f"{path} is not an exported model: missing {' and '.join(missing)}; export a "
                               f"checkpoint first (lamda-export RUN_DIR --out {path})")
@@ -78,18 +79,41 @@ def read_export_config(path) -> ModelConfig:
     return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
 
 
-def load_export(path, device=None, dtype: torch.dtype | None = None, attention: str = "auto",
-                model_class=LaMDA) -> LaMDA:
-    """The model of an export dir, in eval mode (LaMDA.from_pretrained)."""
+def read_export_weights(path) -> dict[str, torch.Tensor]:
+    """The state dict of an export dir: model.safetensors, or the shards its
+    model.safetensors.index.json names (a large model saved by transformers' save_pretrained)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(path)
+    files = [path / EXPORT_WEIGHTS]
+    index = path / EXPORT_WEIGHTS_INDEX
+    if not files[0].is_file() and index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is damaged ({type(e).__name__}: {e}); save the model again") from None
+        if not all(isinstance(n, str) and Path(n).name == n for n in names):
+            raise CheckpointError(f"{index} names shards outside {path}; save the model again")
+        files = [path / n for n in names]
+    state = {}
+    for weights_file in files:
+        try:
+            state.update(load_file(weights_file, device="cpu"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights_file} is not a readable safetensors file ({e}); re-export the "
+                                  f"model") from None
+    return state
+
+
+def load_export(path, device=None, dtype: torch.dtype | None = None, attention: str = "auto",
+                model_class=LaMDA) -> LaMDA:
+    """The model of an export dir, in eval mode (LaMDA.from_pretrained)."""
     cfg = read_export_config(path)
+    state = read_export_weights(path)
     weights_file = Path(path) / EXPORT_WEIGHTS
-    try:
-        state = load_file(weights_file, device="cpu")
-    except SafetensorError as e:
-        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
+    if not weights_file.is_file():
+        weights_file = Path(path) / EXPORT_WEIGHTS_INDEX  # sharded: name the index in a mismatch
     with torch.device("meta"):
         model = model_class(config=cfg, attention=attention)  # shapes only: the weights are replaced next
     try:

@@ -184,6 +184,29 @@ def test_save_pretrained_round_trips_into_both_loaders(source, hf_dir, theirs, o
 
 
 @pytest.mark.unit
+def test_a_sharded_save_pretrained_dir_loads_and_inits_a_run(source, theirs, ours, tmp_path):
+    """transformers shards a large model (model.safetensors.index.json + model-0000N-of-...): read
+    here too, by LaMDA.from_pretrained and --init-from. Tiny shards stand in for 5 GB ones."""
+    from lamda_pipe.train import check_init_source
+    from lamda_pipe.weights import read_plain_state
+
+    saved = tmp_path / "sharded"
+    theirs.save_pretrained(saved, max_shard_size="100KB")
+    assert not (saved / "model.safetensors").exists() and len(list(saved.glob("model-*.safetensors"))) > 1
+    x = tokens(source["cfg"], seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(LaMDA.from_pretrained(saved)(x), ours(x), rtol=0, atol=0)
+    src = check_init_source(saved, source["cfg"])
+    assert src.kind == "export"
+    state = read_plain_state(src, source["cfg"])
+    want = ours.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], v) for k, v in want.items())
+    next(saved.glob("model-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"model-\d+-of-\d+\.safetensors is not a readable safetensors file"):
+        LaMDA.from_pretrained(saved)
+
+
+@pytest.mark.unit
 def test_hf_dir_re_exports_and_inits_a_run(source, hf_dir, tmp_path):
     """An hf dir is an export: lamda-export reads it (to either format), --init-from takes it."""
     from lamda_pipe.train import check_init_source
