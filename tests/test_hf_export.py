@@ -24,6 +24,7 @@ from lamda_pipe.generation import AutoregressiveWrapper
 from lamda_pipe.model import LaMDA
 from lamda_pipe.run_format import resolve_model
 from tests.helpers import TINY_FEW_BUCKETS, tiny_model, train_tiny_tokenizer, write_layer_files, write_run_info
+from tests.test_preflight import launch_env  # noqa: F401  (a fixture)
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; `test` includes it
 
@@ -301,3 +302,22 @@ def test_importing_lamda_pipe_does_not_import_transformers():
     proc = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.unit
+def test_ds_train_init_from_takes_an_hf_dir(source, tmp_path, launch_env):
+    """--init-from: the trainer's preflight resolves an hf dir as an export of its model."""
+    from lamda_pipe.config import get_preset
+    from lamda_pipe.errors import ConfigError
+    from tests.test_preflight import plan
+
+    cfg = get_preset("debug")
+    tag = tmp_path / "pre" / "checkpoints" / "global_step1"
+    write_layer_files(tiny_model(cfg, seed=5), tag)
+    write_run_info(tag, cfg, 1, source["tok"])
+    (tag.parent / "latest").write_text(tag.name)
+    hf = export_checkpoint(tmp_path / "pre", tmp_path / "pre-hf", fmt="hf")
+    got = plan(tmp_path / "finetune", "--init-from", str(hf)).init_from
+    assert (got.kind, got.path) == ("export", hf)
+    with pytest.raises(ConfigError, match=r"--init-from .*pre-hf holds a different model"):
+        plan(tmp_path / "other", "--model", "readme", "--init-from", str(hf))
