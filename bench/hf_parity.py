@@ -11,7 +11,7 @@ AutoModelForCausalLM (trust_remote_code). Printed, in fp32 on CPU:
 --pipeline adds the figure of tests/test_export.py: a 2-stage DeepSpeed checkpoint (gloo ranks)
 exported with --format hf, against the pipeline engine's own eval logits.
 
-    .venv/bin/python bench/hf_parity.py --presets debug readme --pipeline
+    .venv/bin/python bench/hf_parity.py --presets debug readme --seq-len 512 --pipeline
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from lamda_pipe.run_format import resolve_model  # noqa: E402
 from tests.helpers import tiny_model, train_tiny_tokenizer, write_layer_files, write_run_info  # noqa: E402
 
 
-def figures(ours, theirs, cfg, eot: int, new_tokens: int) -> dict:
-    x = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
+def figures(ours, theirs, cfg, eot: int, new_tokens: int, seq_len: int) -> dict:
+    x = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ours(x)
         full = theirs(x).logits
@@ -54,7 +54,7 @@ def figures(ours, theirs, cfg, eot: int, new_tokens: int) -> dict:
             "max_logit": scale, "greedy_equal": hf_new.tolist() == our_new.tolist(), "greedy_tokens": len(hf_new)}
 
 
-def preset_row(name: str, root: Path, tok: Path, new_tokens: int) -> dict:
+def preset_row(name: str, root: Path, tok: Path, new_tokens: int, seq_len: int | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     cfg = get_preset(name).replace(vocab_size=vocab_size(load_tokenizer(tok)))
@@ -67,8 +67,9 @@ def preset_row(name: str, root: Path, tok: Path, new_tokens: int) -> dict:
     export_s = time.perf_counter() - t0
     ours = load_model(resolve_model(root / name), cfg)
     theirs = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
-    return {"preset": name, "T": cfg.max_seq_len, "export_s": export_s,
-            **figures(ours, theirs, cfg, load_tokenizer(tok).token_to_id(EOT), new_tokens)}
+    t = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    return {"preset": name, "T": t, "export_s": export_s,
+            **figures(ours, theirs, cfg, load_tokenizer(tok).token_to_id(EOT), new_tokens, t)}
 
 
 def pipeline_row(root: Path) -> dict:
@@ -95,6 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["debug"])
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default and at most: max_seq_len)")
     p.add_argument("--pipeline", action="store_true", help="also the 2-stage DeepSpeed checkpoint (2 gloo ranks)")
     args = p.parse_args()
     import transformers
@@ -103,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         tok = train_tiny_tokenizer(root / "tok.json", vocab=2048)
-        rows = [preset_row(name, root, tok, args.new_tokens) for name in args.presets]
+        rows = [preset_row(name, root, tok, args.new_tokens, args.seq_len) for name in args.presets]
         if args.pipeline:
             rows.append(pipeline_row(root))
     for r in rows:

@@ -119,7 +119,7 @@ class LaMDAPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
 
     def _init_weights(self, module):
-        """Fan-in scaled normal init (only for weights a checkpoint does not provide)."""
+        """Fan-in scaled normal init, for a model built from a config alone (from_pretrained replaces it)."""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
         elif isinstance(module, nn.Embedding):
