@@ -99,9 +99,10 @@ def test_exported_logits_equal_the_pipeline_checkpoints(run, exported):
 def test_hf_export_logits_equal_the_pipeline_checkpoints(run, tmp_path):
     """The same oracle through transformers: lamda-export --format hf of the 2-stage checkpoint,
     loaded by AutoModelForCausalLM with the modeling code the export carries."""
-    transformers = pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
     hf = export_checkpoint(run["dir"], tmp_path / "hf", fmt="hf")
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
     inputs, labels = eval_inputs(run["cfg"])
     with torch.no_grad():
         logits = model(inputs).logits

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  (the `hf` extra, in `test` too: these tests run wherever the suite does)
 
 from lamda_pipe.data.tokenizer import DIALOG_TOKENS, EOT, PAD, UNK, load_tokenizer, vocab_size
 from lamda_pipe.errors import CheckpointError
@@ -26,7 +27,6 @@ from lamda_pipe.run_format import resolve_model
 from tests.helpers import TINY_FEW_BUCKETS, tiny_model, train_tiny_tokenizer, write_layer_files, write_run_info
 from tests.test_preflight import launch_env  # noqa: F401  (a fixture)
 
-transformers = pytest.importorskip("transformers")  # the `hf` extra; `test` includes it
 
 ATOL = 1e-5
 HF_DIR = Path(__file__).resolve().parent.parent / "lamda_pipe" / "hf"
