@@ -13,7 +13,8 @@ answer to "which model is at this path".
         global_step200_universal/    the same converted for another layout (checkpoint.py)
       metrics.jsonl, TensorBoard events, data/
 
-An export dir (export.py) holds model.safetensors, config.json and tokenizer.json.
+An export dir (export.py) holds model.safetensors, config.json and tokenizer.json (a dir that
+transformers' save_pretrained sharded: model.safetensors.index.json and the shards it names).
 
 The run record is versioned. Version 1 is the layout lamda-pipe 0.1.0 wrote without a version
 key; version 2 adds a data order (data/order.py) that version-1 readers do not know. A record

@@ -244,6 +244,11 @@ def test_hf_export_refusals_are_one_line_and_write_nothing(source, hf_dir, tmp_p
     assert "already exists; pass --force" in capsys.readouterr().err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "no-tok"]
+    earlier = tmp_path / "earlier"
+    shutil.copytree(hf_dir, earlier)
+    assert main([str(source["run"]), "--out", str(earlier), "--force"]) == 0  # an earlier hf export is replaced
+    assert json.loads((earlier / "config.json").read_text())["format"] == "lamda-pipe-export/2"
+    assert not (earlier / "modeling_lamda.py").exists()
     with pytest.raises(CheckpointError, match=r"--format onnx: choose one of lamda, hf"):
         export_checkpoint(source["run"], tmp_path / "x", fmt="onnx")
 
