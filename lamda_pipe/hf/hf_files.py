@@ -33,7 +33,7 @@ AUTO_MAP = {"AutoConfig": "configuration_lamda.LaMDAConfig",
 def hf_config(config: dict, dtype: str, tok) -> dict:
     """config (format 2's config.json) with transformers' keys; tok: the tokenizers.Tokenizer."""
     out = {**config, "format": HF_FORMAT, "dtype": TORCH_DTYPE_NAMES[dtype], "model_type": "lamda",
-           "architectures": ["LaMDAForCausalLM"], "auto_map": AUTO_MAP}
+           "architectures": ["LaMDAForCausalLM"], "auto_map": dict(AUTO_MAP)}
     out.update(special_token_ids(tok))
     return out
 
