@@ -13,7 +13,10 @@ An export dir holds
 * tokenizer.json: a copy of the checkpoint's, when it has one.
 Format 1 (lamda-pipe 0.1.0) is format 2 without "dialog" and still loads. Format 2 exists so
 that a reader of format 1, which refuses unknown config keys, says "re-export" instead of
-"unknown model config keys ['dialog']".
+"unknown model config keys ['dialog']". Format 3 (--format hf, hf/hf_files.py) is format 2 plus
+what Hugging Face transformers needs to load the dir; its config.json holds transformers' keys
+too, which the reader here ignores (it takes the ModelConfig fields), so a dir that
+transformers' save_pretrained wrote from it loads here as well.
 LaMDA.from_pretrained(DIR) loads it with safetensors alone (the model's `dialog` attribute is
 the ModelDialog of its config, or None). Nothing here unpickles: layer files
 are read with torch.load(weights_only=True) (weights.py). Which model a path means (a run dir,
@@ -34,12 +37,14 @@ from .config import ModelConfig
 from .errors import CheckpointError, UsageError
 from .data.dialog import DialogTokens
 from .data.tokenizer import ATTRIBUTES
+from .hf.hf_files import HF_FORMAT, hf_config, write_hf_files
 from .model import LaMDA
-from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, RUN_RECORD, TOKENIZER, ModelPath, RunRecord, layer_file,
-                         num_layer_files, resolve_model)
+from .run_format import (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_WEIGHTS_INDEX, RUN_RECORD, TOKENIZER, ModelPath,
+                         RunRecord, layer_file, num_layer_files, resolve_model)
 
 EXPORT_FORMAT = "lamda-pipe-export/2"
-READABLE_FORMATS = ("lamda-pipe-export/1", EXPORT_FORMAT)
+READABLE_FORMATS = ("lamda-pipe-export/1", EXPORT_FORMAT, HF_FORMAT)
+FORMATS = ("lamda", "hf")  # lamda-export --format: format 2, or format 3 for transformers
 # config.json keys beyond ModelConfig
 EXPORT_META_KEYS = ("format", "dtype", "source_checkpoint", "source_step", "dialog")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +54,8 @@ def read_export_meta(path) -> dict:
     """The config.json of an export dir, checking both files are there and its format."""
     path = Path(path)
     config_file = path / EXPORT_CONFIG
-    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()]
+    missing = [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS) if not (path / f).is_file()
+               and not (f == EXPORT_WEIGHTS and (path / EXPORT_WEIGHTS_INDEX).is_file())]
     if missing:
         raise CheckpointError(f"{path} is not an exported model: missing {' and '.join(missing)}; export a "
                               f"checkpoint first (lamda-export RUN_DIR --out {path})")
@@ -67,21 +73,47 @@ def read_export_meta(path) -> dict:
 def read_export_config(path) -> ModelConfig:
     """The ModelConfig of an export dir (its config.json), checking both files are there."""
     meta = read_export_meta(path)
+    if meta["format"] == HF_FORMAT:  # the rest is transformers' (model_type, auto_map, its own defaults)
+        fields = set(ModelConfig().to_dict())
+        return ModelConfig.from_dict({k: v for k, v in meta.items() if k in fields})
     return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in EXPORT_META_KEYS})
+
+
+def read_export_weights(path) -> dict[str, torch.Tensor]:
+    """The state dict of an export dir: model.safetensors, or the shards its
+    model.safetensors.index.json names (a large model saved by transformers' save_pretrained)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = [path / EXPORT_WEIGHTS]
+    index = path / EXPORT_WEIGHTS_INDEX
+    if not files[0].is_file() and index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is damaged ({type(e).__name__}: {e}); save the model again") from None
+        if not all(isinstance(n, str) and Path(n).name == n for n in names):
+            raise CheckpointError(f"{index} names shards outside {path}; save the model again")
+        files = [path / n for n in names]
+    state = {}
+    for weights_file in files:
+        try:
+            state.update(load_file(weights_file, device="cpu"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights_file} is not a readable safetensors file ({e}); re-export the "
+                                  f"model") from None
+    return state
 
 
 def load_export(path, device=None, dtype: torch.dtype | None = None, attention: str = "auto",
                 model_class=LaMDA) -> LaMDA:
     """The model of an export dir, in eval mode (LaMDA.from_pretrained)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     cfg = read_export_config(path)
+    state = read_export_weights(path)
     weights_file = Path(path) / EXPORT_WEIGHTS
-    try:
-        state = load_file(weights_file, device="cpu")
-    except SafetensorError as e:
-        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({e}); re-export the model") from None
+    if not weights_file.is_file():
+        weights_file = Path(path) / EXPORT_WEIGHTS_INDEX  # sharded: name the index in a mismatch
     with torch.device("meta"):
         model = model_class(config=cfg, attention=attention)  # shapes only: the weights are replaced next
     try:
@@ -222,15 +254,22 @@ def check_out(out: Path, force: bool) -> None:
                               f"export or an empty dir, so choose another --out (nothing was changed)")
 
 
-def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32") -> Path:
+def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32", fmt: str = "lamda") -> Path:
     """Writes the model at `src` (run, checkpoints, checkpoint or export dir) to out_dir as
-    model.safetensors + config.json (+ tokenizer.json); returns out_dir. Written to a temporary
-    dir beside out_dir and renamed at the end: out_dir is never half-written."""
+    model.safetensors + config.json (+ tokenizer.json; fmt "hf": + transformers' files, see
+    hf/hf_files.py); returns out_dir. Written to a temporary dir beside out_dir and renamed at
+    the end: out_dir is never half-written."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     source = resolve_model(src)
     check_out(out, force)
+    if fmt == "hf" and source.tokenizer is None:
+        raise CheckpointError(f"--format hf needs the model's tokenizer, and {source.path} has no tokenizer.json; "
+                              f"copy the tokenizer.json the model was trained with into {source.path} (nothing "
+                              f"was written)")
     cfg, step = model_config_at(source)  # before loading anything: an incomplete checkpoint fails here
     provenance = str(source.path.resolve())
     if source.kind == "export":  # re-exporting (e.g. to another dtype) keeps the original source
@@ -245,6 +284,11 @@ def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32") ->
     dialog = dialog_at(source)
     if dialog is not None:
         config["dialog"] = dialog.to_dict()
+    tok = None
+    if fmt == "hf":
+        from .data.tokenizer import load_tokenizer
+        tok = load_tokenizer(source.tokenizer)
+        config = hf_config(config, dtype, tok)
 
     from safetensors.torch import save_file
 
@@ -254,10 +298,13 @@ def export_checkpoint(src, out_dir, force: bool = False, dtype: str = "fp32") ->
     tmp.mkdir()
     try:
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": EXPORT_FORMAT})
+        # transformers reads "pt" as "saved from PyTorch"; our reader goes by config.json alone
+        save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt" if tok is not None else EXPORT_FORMAT})
         shutil.copymode(tmp / EXPORT_CONFIG, tmp / EXPORT_WEIGHTS)  # safetensors creates it 0600; follow the umask
         if source.tokenizer is not None:
             shutil.copyfile(source.tokenizer, tmp / TOKENIZER)
+        if tok is not None:
+            write_hf_files(tmp, tok, cfg.max_seq_len)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,8 @@ answer to "which model is at this path".
         global_step200_universal/    the same converted for another layout (checkpoint.py)
       metrics.jsonl, TensorBoard events, data/
 
-An export dir (export.py) holds model.safetensors, config.json and tokenizer.json.
+An export dir (export.py) holds model.safetensors, config.json and tokenizer.json (a dir that
+transformers' save_pretrained sharded: model.safetensors.index.json and the shards it names).
 
 The run record is versioned. Version 1 is the layout lamda-pipe 0.1.0 wrote without a version
 key; version 2 adds a data order (data/order.py) that version-1 readers do not know. A record
@@ -40,6 +41,9 @@ RUN_RECORD = "lamda_run.json"
 TOKENIZER = "tokenizer.json"
 UNIVERSAL_SUFFIX = "_universal"
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+# What transformers' save_pretrained writes instead of model.safetensors when it shards a large
+# model (of a --format hf export): the shards' names per tensor.
+EXPORT_WEIGHTS_INDEX = "model.safetensors.index.json"
 
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
@@ -225,7 +229,7 @@ def resolve_model(path) -> ModelPath:
                               f"(e.g. RUN/{CHECKPOINTS}/{tag_for(200)}) or an export dir")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file; pass the directory that holds it")
-    if (p / EXPORT_WEIGHTS).is_file() and (p / EXPORT_CONFIG).is_file():
+    if ((p / EXPORT_WEIGHTS).is_file() or (p / EXPORT_WEIGHTS_INDEX).is_file()) and (p / EXPORT_CONFIG).is_file():
         return ModelPath("export", p)
     for ckpt_dir in (p, p / CHECKPOINTS):
         tag_dir = latest_tag_dir(ckpt_dir)

@@ -14,7 +14,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .run_format import EXPORT_WEIGHTS, ModelPath, layer_file, num_layer_files
+from .run_format import ModelPath, layer_file, num_layer_files
 
 
 def layer_prefix(layer_idx: int, depth: int) -> str | None:
@@ -62,11 +62,11 @@ def load_plain_model(tag_dir, cfg: ModelConfig):
 
 
 def read_plain_state(src: ModelPath, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Weights of the model at src (run_format.resolve_model): an export's model.safetensors, or a
+    """Weights of the model at src (run_format.resolve_model): an export's model.safetensors (or its shards), or a
     checkpoint's layer files."""
     if src.kind == "export":
-        from safetensors.torch import load_file
-        return load_file(str(src.path / EXPORT_WEIGHTS))
+        from .export import read_export_weights
+        return read_export_weights(src.path)
     return read_layer_files(src.path, cfg)
 
 

@@ -96,6 +96,23 @@ def test_exported_logits_equal_the_pipeline_checkpoints(run, exported):
 
 
 @pytest.mark.distributed
+def test_hf_export_logits_equal_the_pipeline_checkpoints(run, tmp_path):
+    """The same oracle through transformers: lamda-export --format hf of the 2-stage checkpoint,
+    loaded by AutoModelForCausalLM with the modeling code the export carries."""
+    from transformers import AutoModelForCausalLM
+
+    hf = export_checkpoint(run["dir"], tmp_path / "hf", fmt="hf")
+    model = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    inputs, labels = eval_inputs(run["cfg"])
+    with torch.no_grad():
+        logits = model(inputs).logits
+    torch.testing.assert_close(logits, run["logits"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        loss = model(torch.cat([inputs, labels[:, -1:]], dim=1), labels=torch.cat([inputs, labels[:, -1:]], dim=1)).loss
+    assert loss.item() == pytest.approx(run["results"][0]["loss"], abs=1e-5)
+
+
+@pytest.mark.distributed
 def test_export_dir_contents_and_config(run, exported):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     config = json.loads((exported / "config.json").read_text())

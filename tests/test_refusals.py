@@ -381,7 +381,8 @@ def _write_config(change):
     (lambda d: (d / "config.json").write_text("{broken"), r"export/config\.json is not valid JSON \(.*\); "
                                                           r"re-export the model"),
     (_write_config(lambda c: {**c, "format": "lamda-pipe-export/9"}),
-     r"config\.json: format 'lamda-pipe-export/9', expected one of lamda-pipe-export/1, lamda-pipe-export/2; "
+     r"config\.json: format 'lamda-pipe-export/9', expected one of lamda-pipe-export/1, lamda-pipe-export/2, "
+     r"lamda-pipe-export/3; "
      r"re-export the checkpoint"),
     (_write_config(lambda c: [c]), r"config\.json: format None, expected one of "),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not-it}"),

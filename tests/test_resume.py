@@ -112,6 +112,12 @@ def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
            "--data", str(source / "data"))
     assert [r["loss"] for r in read_metrics(from_export) if "loss" in r] == [
         r["loss"] for r in read_metrics(fresh) if "loss" in r]
+    # and through a --format hf export (a model shared for transformers, fine-tuned here)
+    hf = export_checkpoint(source, tmp_path / "hf", fmt="hf")
+    from_hf = tmp_path / "from_hf"
+    launch(from_hf, "--steps", "2", "--init-from", str(hf), "--sample-tokens", "0", "--data", str(source / "data"))
+    assert [r["loss"] for r in read_metrics(from_hf) if "loss" in r] == [
+        r["loss"] for r in read_metrics(fresh) if "loss" in r]
     # and a fresh start differs: the weights really were loaded
     scratch = tmp_path / "scratch"
     launch(scratch, "--steps", "1", "--sample-tokens", "0", "--data", str(source / "data"))
