@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -36,7 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import DataError
-from .prepare import FORMAT, SPLITS
+from .prepare import FORMAT, SPLITS, read_json
 
 PLAN_FILE = "parts.json"
 PARTS_DIR = "parts"
@@ -83,17 +82,6 @@ def shard_list(indices: Iterable[int]) -> str:
         run = [i for _, i in run]
         out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
     return ",".join(out)
-
-
-def read_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); {fix}") from None
-    if not isinstance(value, dict) or value.get("format") != what:
-        found = value.get("format") if isinstance(value, dict) else None
-        raise DataError(f"{path}: format {found!r}, expected {what!r} (written by another version?); {fix}")
-    return value
 
 
 def part_meta(part: Path, fix: str) -> dict:

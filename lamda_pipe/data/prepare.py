@@ -140,18 +140,36 @@ def build_data_dir(tokenizer_path: str | Path, out_dir: str | Path, force: bool,
 
 
 def _write_splits(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, workers, batch_docs, progress) -> dict:
+    counts = write_token_files(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, workers, batch_docs,
+                               progress=progress)
+    total_docs = counts["train"]["documents"] + counts["val"]["documents"]
+    if total_docs == 0:
+        raise DataError("the input holds no documents (every file empty or whitespace); check --input / --dataset "
+                        "and --text-field")
+    if counts["train"]["documents"] == 0:
+        raise DataError(f"all {total_docs} document(s) went to validation (--val-fraction {val_fraction}); lower "
+                        f"--val-fraction or add documents")
+    return counts
+
+
+def write_token_files(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, workers, batch_docs, *,
+                      start: int = 0, move_last: bool | None = None, progress: bool = False) -> dict:
+    """train.bin and val.bin of `out` from the documents (the first has index `start` in the
+    whole input, which decides its split); {split: {"tokens", "documents"}}. move_last: whether
+    the last document goes to validation because none hashed there; None decides it from these
+    documents alone (a whole input; a shard is told, parts.py)."""
     from tqdm import tqdm
 
     counts = {name: {"tokens": 0, "documents": 0} for name in SPLITS}
     last = None  # (split, tokens) of the latest document, for the at-least-one-val rule
     last_train = None  # the latest non-empty train array: its tail is the latest train document
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     bar = tqdm(unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True, desc="tokenizing")
     with open(out / "train.bin", "wb", buffering=1 << 20) as f_train, \
             open(out / "val.bin", "wb", buffering=1 << 20) as f_val, bar:
         files = {"train": f_train, "val": f_val}
         for arrays, docs_per_split, last_doc in _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction,
-                                                                 workers, batch_docs):
+                                                                 workers, batch_docs, start=start):
             for name, arr, n in zip(SPLITS, arrays, docs_per_split):
                 files[name].write(memoryview(arr))
                 counts[name]["tokens"] += int(arr.size)
@@ -162,9 +180,10 @@ def _write_splits(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, worke
             total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
             bar.update(sum(docs_per_split))
             bar.set_postfix_str(f"{total_tokens:,} tokens, "
-                                f"{total_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False)
-        if counts["val"]["documents"] == 0 and val_fraction > 0 and counts["train"]["documents"] >= 2:
-            # nothing hashed into validation: move the last document there (it is the tail of train.bin)
+                                f"{total_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+        if move_last is None:
+            move_last = counts["val"]["documents"] == 0 and val_fraction > 0 and counts["train"]["documents"] >= 2
+        if move_last:  # nothing hashed into validation: move the last document there (it is the tail of train.bin)
             n = last[1]
             f_val.write(memoryview(last_train[-n:]))
             f_train.flush()
@@ -175,13 +194,6 @@ def _write_splits(docs, tok, tok_path, sha, eot, dtype, out, val_fraction, worke
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
-    total_docs = counts["train"]["documents"] + counts["val"]["documents"]
-    if total_docs == 0:
-        raise DataError("the input holds no documents (every file empty or whitespace); check --input / --dataset "
-                        "and --text-field")
-    if counts["train"]["documents"] == 0:
-        raise DataError(f"all {total_docs} document(s) went to validation (--val-fraction {val_fraction}); lower "
-                        f"--val-fraction or add documents")
     return counts
 
 
@@ -303,6 +315,19 @@ def _remove_stale_tmp_dirs(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON object whose "format" is `what` (a data dir's, a part's or a plan's); DataError
+    naming the file and the fix otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, dict) or value.get("format") != what:
+        found = value.get("format") if isinstance(value, dict) else None
+        raise DataError(f"{path}: format {found!r}, expected {what!r} (written by another version?); {fix}")
+    return value
+
+
 def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared dir, after checking that the dir is complete; DataError otherwise."""
     d = Path(data_dir)
@@ -319,14 +344,7 @@ def read_meta(data_dir: str | Path) -> dict:
     meta_path = d / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"{d} is not a prepared data dir: no meta.json; {fix}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e}); {fix} again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise DataError(f"{meta_path}: format {found!r}, expected {FORMAT!r} (written by another version?); "
-                        f"{fix} again")
+    meta = read_json(meta_path, FORMAT, f"{fix} again")
     missing = [k for k in META_KEYS if k not in meta] + [s for s in SPLITS if s not in meta.get("splits", {})]
     if missing:
         raise DataError(f"{meta_path}: missing {', '.join(missing)}; {fix} again")

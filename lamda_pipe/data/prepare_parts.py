@@ -32,8 +32,9 @@ import numpy as np
 
 from ..distributed import pid_alive
 from ..errors import DataError
-from .parts import PARTS_DIR, PLAN_FILE, PLAN_FORMAT, PLAN_KEYS, PART_FORMAT, Shard, part_meta, read_json
-from .prepare import OWNER_FILE, SPLITS, _encoded_batches, _write_synced, now, token_dtype, usable_cores
+from .parts import PARTS_DIR, PLAN_FILE, PLAN_FORMAT, PLAN_KEYS, PART_FORMAT, Shard, part_meta
+from .prepare import (_GOLDEN as VAL_HASH, OWNER_FILE, SPLITS, _write_synced, now, read_json, token_dtype, usable_cores,
+                      write_token_files)
 from .tokenizer import eot_id, load_tokenizer, tokenizer_sha256, vocab_size as id_space
 
 
@@ -226,8 +227,8 @@ def prepare_shard(pieces: list[InputPiece], tokenizer_path: str | Path, out_dir:
         docs = _slice(pieces, there["piece_documents"], first, end)
         last_shard = shard.index == shard.count - 1
         move_last = last_shard and val_fraction > 0 and total >= 2 and not _any_val(total, val_fraction)
-        counts = _write_part(docs, tok, tokenizer_path, plan["tokenizer_sha256"], plan["eot_id"], dtype, tmp,
-                             val_fraction, workers, batch_docs, first, move_last)
+        counts = write_token_files(docs, tok, tokenizer_path, plan["tokenizer_sha256"], plan["eot_id"], dtype, tmp,
+                                   val_fraction, workers, batch_docs, start=first, move_last=move_last)
         meta = {"format": PART_FORMAT, **{k: plan[k] for k in PLAN_KEYS}, "shard": shard.index,
                 "dtype": dtype.name, "vocab_size": plan["vocab_size"], "eot_id": plan["eot_id"],
                 "first_document": first, "documents": end - first, "total_documents": total,
@@ -246,37 +247,9 @@ def _any_val(total: int, val_fraction: float, chunk: int = 1 << 20) -> bool:
     """Whether any of documents 0..total-1 hashes into validation (is_val_document's rule)."""
     for lo in range(0, total, chunk):
         i = np.arange(lo + 1, min(lo + chunk, total) + 1, dtype=np.uint64)
-        if np.any((i * np.uint64(0x9E3779B1) % np.uint64(2 ** 32)) / 2 ** 32 < val_fraction):
+        if np.any((i * np.uint64(VAL_HASH) % np.uint64(2 ** 32)) / 2 ** 32 < val_fraction):
             return True
     return False
-
-
-def _write_part(docs, tok, tok_path, sha, eot, dtype, tmp, val_fraction, workers, batch_docs, first, move_last):
-    counts = {name: {"tokens": 0, "documents": 0} for name in SPLITS}
-    last_train = last = None
-    with open(tmp / "train.bin", "wb", buffering=1 << 20) as f_train, \
-            open(tmp / "val.bin", "wb", buffering=1 << 20) as f_val:
-        files = {"train": f_train, "val": f_val}
-        for arrays, per_split, last_doc in _encoded_batches(docs, tok, tok_path, sha, eot, dtype, val_fraction,
-                                                            workers, batch_docs, start=first):
-            for name, arr, n in zip(SPLITS, arrays, per_split):
-                files[name].write(memoryview(arr))
-                counts[name]["tokens"] += int(arr.size)
-                counts[name]["documents"] += n
-            if arrays[0].size:
-                last_train = arrays[0]
-            last = last_doc
-        if move_last:  # no document of the whole input hashed into validation: the last one goes there
-            n = last[1]
-            f_val.write(memoryview(last_train[-n:]))
-            f_train.flush()
-            f_train.truncate(f_train.tell() - n * dtype.itemsize)
-            counts["train"] = {"tokens": counts["train"]["tokens"] - n, "documents": counts["train"]["documents"] - 1}
-            counts["val"] = {"tokens": n, "documents": 1}
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
-    return counts
 
 
 def _fsync_dir(path: Path) -> None:
