@@ -612,3 +612,17 @@ def sbatch_env(run_dir: Path, steps: int, **extra: str) -> dict:
                LAMDA_SAVE_EVERY="2", LAMDA_EXTRA_ARGS="--log-every 1 --eval-every 0 --sample-tokens 0",
                PYTHON=sys.executable, **extra)
     return env
+
+
+def running_slurm(request):
+    """A test module's private Slurm cluster (yield from it in a module-scoped fixture), or
+    the module skipped, saying why, where Slurm cannot run here."""
+    reason = slurm_unavailable()
+    if reason:
+        skip(request, reason)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

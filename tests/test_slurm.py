@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import free_port
-from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
+from tests.hosts import SlurmCluster, running_slurm, sbatch_env
 
 pytestmark = pytest.mark.launch  # a real Slurm
 
@@ -31,15 +31,7 @@ JOB_TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def slurm(request):
-    reason = slurm_unavailable()
-    if reason:
-        skip(request, reason)
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
+    yield from running_slurm(request)
 
 
 def submit(slurm: SlurmCluster, script: str, run_dir: Path, log: Path, steps: int) -> int:

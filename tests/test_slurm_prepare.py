@@ -18,7 +18,7 @@ import pytest
 from lamda_pipe.data.loader import MicroBatchStream, bundled_corpus, open_sources
 from lamda_pipe.data.prepare import prepare_data, read_meta
 from lamda_pipe.data.text_sources import DataError, iter_documents
-from tests.hosts import SlurmCluster, sbatch_env, skip, slurm_unavailable
+from tests.hosts import SlurmCluster, running_slurm, sbatch_env
 
 pytestmark = pytest.mark.launch  # a real Slurm
 
@@ -30,15 +30,7 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def slurm(request):
-    reason = slurm_unavailable()
-    if reason:
-        skip(request, reason)
-    cluster = SlurmCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
+    yield from running_slurm(request)
 
 
 def write_inputs(d: Path, mb: float) -> list[Path]:
