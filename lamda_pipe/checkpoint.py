@@ -25,7 +25,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from .errors import CheckpointError, ConfigError
 from .run_format import (COMPLETE, LATEST, RUN_RECORD, TOKENIZER, UNIVERSAL_SUFFIX, RunRecord,
@@ -55,14 +55,22 @@ def begin_save(tag_dir: Path, record: RunRecord, tokenizer: Path) -> None:
     write_atomic(tag_dir / RUN_RECORD, record.to_json())
 
 
-def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None) -> list[Path]:
+def commit_save(ckpt_dir: Path, tag: str, keep_last: int | None, pinned: Collection[str] = ()) -> list[Path]:
     """Rank 0, after a barrier that follows every rank's writes: mark complete, move `latest`,
-    then delete complete checkpoints older than the newest `keep_last`. Returns what was deleted."""
+    then prune. Returns what was deleted."""
     (ckpt_dir / tag / COMPLETE).write_text("")
     write_atomic(ckpt_dir / LATEST, tag)
+    return prune_checkpoints(ckpt_dir, keep_last, pinned)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int | None, pinned: Collection[str] = ()) -> list[Path]:
+    """Rank 0: deletes the complete checkpoints older than the newest `keep_last`, but not
+    `latest`'s nor the `pinned` tags (being read: an in-training evaluation), which a later
+    prune deletes. Returns what was deleted, oldest first."""
     if not keep_last:
         return []
-    doomed = [d for d in reversed(complete_checkpoints(ckpt_dir)[keep_last:]) if d.name != tag]  # oldest first
+    keep = set(pinned) | {read_latest(ckpt_dir)}
+    doomed = [d for d in reversed(complete_checkpoints(ckpt_dir)[keep_last:]) if d.name not in keep]
     for d in doomed:
         (d / COMPLETE).unlink()  # first: a deletion cut short never leaves a "complete" half
         shutil.rmtree(d)
@@ -272,17 +280,18 @@ class Checkpointer:
     def __init__(self, ckpt_dir: Path, *, every: int, keep_last: int | None, global_batch: int,
                  record: RunRecord, tokenizer: Path, rank: int, barrier: Callable[[], None],
                  log: Callable[[str], None] = print, weights_finite: Callable[[object], bool] | None = None,
-                 progress: Callable[[], None] = lambda: None):
+                 progress: Callable[[], None] = lambda: None, pinned: Callable[[], Collection[str]] = set):
         """record: this run's record with its step fields unset; filled in at every save.
         weights_finite(engine): collective, the same answer on every rank; a save of weights it
         rejects raises NonFiniteWeights before anything is written. progress: called after each
-        save phase (the hang watchdog's sign of life)."""
+        save phase (the hang watchdog's sign of life). pinned(): tags --keep-last must not delete
+        yet (rank 0: BackgroundEval.pinned)."""
         self.dir = Path(ckpt_dir)
         self.every, self.keep_last = every, keep_last
         self.global_batch = global_batch
         self.record, self.tokenizer = record, tokenizer
         self.rank, self.barrier, self.log = rank, barrier, log
-        self.weights_finite, self.progress = weights_finite, progress
+        self.weights_finite, self.progress, self.pinned = weights_finite, progress, pinned
         self._start = (0, 0)  # (step, samples consumed) where this process started
         self._saved_at: int | None = None
 
@@ -327,7 +336,7 @@ class Checkpointer:
         ok = self._all_ok(not failures)
         if ok and self.rank == 0:
             try:
-                for old in commit_save(self.dir, tag, self.keep_last):
+                for old in commit_save(self.dir, tag, self.keep_last, self.pinned()):
                     self.log(f"deleted old checkpoint {old}")
             except OSError as e:
                 failures.append(e)
@@ -336,6 +345,12 @@ class Checkpointer:
             if self.rank == 0:
                 discard_unfinished(self.dir, tag)
             raise CheckpointError(message)
+
+    def prune(self) -> None:
+        """Rank 0: --keep-last once more, for checkpoints it spared while pinned (the end of a run)."""
+        if self.rank == 0:
+            for old in prune_checkpoints(self.dir, self.keep_last, self.pinned()):
+                self.log(f"deleted old checkpoint {old}")
 
     def _all_ok(self, ok: bool) -> bool:
         """Whether every rank says ok: an all-reduce (MIN) of one flag, a barrier in one process."""

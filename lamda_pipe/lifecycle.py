@@ -270,7 +270,8 @@ class Lifecycle:
         """Training ended by an exception (a collective failed): first name the peers that are gone."""
         line = describe_failure(self, value)
         if line:
-            print(line, file=sys.stderr, flush=True)
+            sys.stderr.write(line + "\n")  # one write: the ranks share the launcher's stderr
+            sys.stderr.flush()
         self._previous_excepthook(etype, value, tb)
 
     def _on_signal(self, signum, frame) -> None:
@@ -332,8 +333,8 @@ class Lifecycle:
 
     def _give_up(self, why: str) -> None:
         path = dump_stacks(self.run_dir, self.rank)
-        print(f"{self.name}: {why}; stacks of every thread in {path}; exiting with status {EXIT_HUNG}",
-              file=sys.stderr, flush=True)
+        sys.stderr.write(f"{self.name}: {why}; stacks of every thread in {path}; exiting with status {EXIT_HUNG}\n")
+        sys.stderr.flush()
         time.sleep(DUMP_GRACE_S)
         os._exit(EXIT_HUNG)
 

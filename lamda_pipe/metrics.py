@@ -118,6 +118,12 @@ class ConsoleSink(Sink):
             v = record["val_loss"]
             print(f"step {record['step']:>6} | val loss {v:.4f} | val ppl {math.exp(min(v, 50)):.2f}", flush=True)
             return
+        if "lm_eval" in record:
+            for task, metrics in record["lm_eval"].items():
+                shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                print(f"step {record['step']:>6} | lm-eval {task} | {shown} | {record['lm_eval_seconds']:.0f}s",
+                      flush=True)
+            return
         mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
         print(f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
               f"loss scale {record['loss_scale']:g} | {record['tokens_per_s']:,.0f} tokens/s | "
@@ -237,6 +243,15 @@ class MetricsLogger:
         if by_source:
             record["val_loss_by_source"] = by_source
             scalars.update({f"val_loss/{name}": v for name, v in by_source.items()})
+        self._emit(record, scalars, samples)
+
+    def log_lm_eval(self, step: int, samples: int, scores: dict[str, dict[str, float]], seconds: float) -> None:
+        """lm-evaluation-harness figures of step N's checkpoint (background_eval.py), reported
+        when its evaluation ends: `samples` is the checkpoint's, so the curves sit at its step."""
+        if not self.enabled:
+            return
+        record = {"step": step, "lm_eval": scores, "lm_eval_seconds": seconds, "time": time.time()}
+        scalars = {f"lm_eval/{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
         self._emit(record, scalars, samples)
 
     def close(self) -> None:

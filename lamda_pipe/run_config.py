@@ -63,6 +63,13 @@ class RunConfig:
     keep_last: int | None = _flag(None, "keep only the newest N checkpoints", type=int)
     eval_every: int = _flag(50, "validation loss every N steps (0: never)", type=int)
     eval_iters: int = _flag(2, "batches per validation", type=int)
+    lm_eval: str | None = _flag(None, "lm-evaluation-harness tasks (comma-separated; demo: the project's own) that rank "
+                                "0 runs on saved checkpoints in a background process while training goes on "
+                                "(lamda_pipe/background_eval.py; needs the hf extra)", metavar="TASKS")
+    lm_eval_every: int | None = _flag(None, "evaluate with --lm-eval the checkpoint of every N-th step, a multiple of "
+                                      "--save-every (default: every checkpoint; the last step's always)", type=int)
+    lm_eval_args: str = _flag("", "more lamda-eval flags for --lm-eval, one string (e.g. \"--limit 200 --device "
+                              "cuda:7\"; default device: cpu)", metavar="FLAGS")
     log_every: int = _flag(10, "log training metrics every N steps", type=int)
     skip_streak: int = _flag(8, "roll back to the last checkpoint after N consecutive steps skipped for a non-finite "
                              "loss or gradient", type=int)
@@ -102,6 +109,7 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ConfigError(f"--eval-every must be >= 0 (0: never), got {self.eval_every}")
+        self._check_lm_eval()
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.max_rollbacks < 0:
@@ -125,6 +133,25 @@ class RunConfig:
                               "--resume auto, --init-from is used only while RUN_DIR holds no checkpoint)")
         from .pipeline import check_stage_count
         check_stage_count(cfg, self.pipe_stages)
+
+    def _check_lm_eval(self) -> None:
+        if self.lm_eval is None:
+            for name in ("lm_eval_every", "lm_eval_args"):
+                if getattr(self, name):
+                    raise ConfigError(f"--{name.replace('_', '-')} applies to --lm-eval TASKS; add --lm-eval or drop it")
+            return
+        every = self.lm_eval_every
+        if every is not None and (every < 1 or every % self.save_every):
+            raise ConfigError(f"--lm-eval-every {every} must be a multiple of --save-every {self.save_every}: it "
+                              f"evaluates saved checkpoints")
+        self.lm_eval_argv  # bad tasks or flags fail here
+
+    @property
+    def lm_eval_argv(self) -> list[str] | None:
+        """lamda-eval's flags for each in-training evaluation (background_eval.child_args), None without --lm-eval."""
+        from .background_eval import child_args
+
+        return None if self.lm_eval is None else child_args(self.lm_eval, self.lm_eval_args)
 
     @property
     def model_config(self) -> ModelConfig:

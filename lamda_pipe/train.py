@@ -6,8 +6,9 @@ pipeline engine -> resume -> the training loop -> sample. With --dry-run: RunCon
 of the run (tools/plan.py, plan_run) -> exit.
 
 The loop only calls components; each owns its cadence and state: the metrics logger (when to
-log, its own clock), the evaluator (when to validate, the weighted mean over sources) and the
-checkpointer (when to save, the save protocol, resume and the data position).
+log, its own clock), the evaluator (when to validate, the weighted mean over sources), the
+checkpointer (when to save, the save protocol, resume and the data position) and, with
+--lm-eval, rank 0's background harness evaluations of saved checkpoints (background_eval.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .background_eval import BackgroundEval, check_harness
 from .checkpoint import Layout, ResumePoint, holds_checkpoints
 from .config import ModelConfig
 from .data.batches import BatchFormat
@@ -32,7 +34,7 @@ from .guard import (EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, fini
                     weights_finite)
 from .resume import check_demo_tokenizer, check_no_overwrite, resume_point
 from .run_config import RunConfig
-from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model
+from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model, tag_for
 from .run_report import describe_run, print_sample
 
 
@@ -91,6 +93,8 @@ def preflight(run: RunConfig) -> Plan:
     # A fine-tuning job that is requeued reruns its command: once the run has a checkpoint, that
     # checkpoint (weights, optimizer, data position) is where it continues, not --init-from.
     init_from = None if run.init_from is None or resume is not None else check_init_source(run.init_from, cfg)
+    if run.lm_eval is not None:
+        check_harness(run.lm_eval_argv)
     data_order = resume.record.data_order if resume is not None and resume.record is not None else ORDER_CURRENT
     check_writable(run.run_dir)  # last: every refusal above leaves no trace
     return Plan(run, cfg, fill_run_values(ds, steps=run.steps, run_dir=run.run_dir), batch, bounds, sources,
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return plan_run(run)
         plan = preflight(run)
     except UsageError as e:
-        print(f"ds_train.py: error: {e}", file=sys.stderr)
+        error_line(f"ds_train.py: error: {e}")
         return EXIT_BAD_INPUT
     if plan.resume is not None and launch_env(plan.run.local_rank).rank == 0:
         if plan.resume.note:
@@ -182,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         status = train(plan, job)
     except UsageError as e:  # found after start-up by every rank alike: a save that could not complete (full
         # disk), or the demo data's tokenizer against the checkpoint's
-        print(f"ds_train.py: error: {e}", file=sys.stderr, flush=True)
+        error_line(f"ds_train.py: error: {e}")
         status = EXIT_BAD_INPUT
     close_process_groups()
     return status
+
+
+def error_line(text: str) -> None:
+    """One write of the line and its newline: the ranks share the launcher's stderr, and with
+    PYTHONUNBUFFERED print() writes the newline separately, so two ranks' lines could run together."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def close_process_groups() -> None:
@@ -215,12 +226,14 @@ def train(plan: Plan, job=None) -> int:
         check_demo_tokenizer(plan.resume, sources)
     engine = build_engine(plan, rank)
     lifecycle = start_lifecycle(plan, engine, rank, job)
-    checkpointer = make_checkpointer(plan, sources, rank, dist.barrier, lifecycle.progress)
+    logger = make_logger(plan, engine, rank, dist.get_world_size())
+    lm_evals = BackgroundEval(run.run_dir, run.lm_eval_argv, run.lm_eval_every or run.save_every, enabled=rank == 0,
+                              report=logger.log_lm_eval, log=lambda msg: print(msg, flush=True))
+    checkpointer = make_checkpointer(plan, sources, rank, dist.barrier, lifecycle.progress, lm_evals.pinned)
     checkpointer.resume(engine, plan.resume)
     train_stream, evaluator = data_streams(plan, sources, engine, lifecycle.progress)
     train_iter = train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
     guard = Guard(settings_for(run, plan.ds), last_skipped=engine.skipped_steps)
-    logger = make_logger(plan, engine, rank, dist.get_world_size())
     if rank == 0:
         describe_run(plan, sources, evaluator, train_stream)
 
@@ -241,19 +254,22 @@ def train(plan: Plan, job=None) -> int:
         if fault is None:
             saved, fault = save_or_fault(checkpointer, guard, engine, step, last_step)
             if saved:
+                lm_evals.after_save(step, engine.global_samples, checkpointer.dir / tag_for(step), last_step)
                 logger.start(step)
         if fault is not None:
             train_iter = heal(fault, guard, checkpointer, engine, train_stream, rank)
             if train_iter is None:
-                lifecycle.close()
-                logger.close()
+                for component in (lifecycle, lm_evals, logger):
+                    component.close()
                 return EXIT_DIVERGED
             logger.start(engine.global_steps)
+        lm_evals.poll()  # rank 0 reports an evaluation that has ended
         if lifecycle.should_stop(step):  # a signal or a lost launcher on any rank, agreed by all
             break
     checkpointer.save(engine, engine.global_steps, last_step=True)  # no-op when the loop just saved
     lifecycle.close()
     if engine.global_steps < run.steps:  # stopped on request, with a complete checkpoint: requeue me
+        lm_evals.close()
         logger.close()
         return EXIT_REQUEUE
 
@@ -262,8 +278,10 @@ def train(plan: Plan, job=None) -> int:
               f"checkpoints in {checkpointer.dir}", flush=True)
         if run.sample_tokens > 0:
             print_sample(checkpointer.dir, cfg, sources[0], run)
-    logger.close()
     dist.barrier()
+    lm_evals.finish()  # rank 0, after the barrier: the other ranks need not wait for it
+    checkpointer.prune()  # what --keep-last spared while an evaluation read it
+    logger.close()
     return 0
 
 
@@ -291,7 +309,7 @@ def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: i
         checkpointer.rollback(engine, fault.step)
     except (Diverged, CheckpointError) as e:
         if rank == 0:
-            print(f"ds_train.py: stopped at step {fault.step}: {e}", file=sys.stderr, flush=True)
+            error_line(f"ds_train.py: stopped at step {fault.step}: {e}")
         return None
     guard.restart(engine.skipped_steps)
     return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
@@ -346,7 +364,7 @@ def build_engine(plan: Plan, rank: int):
     return engine
 
 
-def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress):
+def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress, pinned=set):
     from .checkpoint import Checkpointer
 
     run = plan.run
@@ -354,7 +372,8 @@ def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress):
     return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
                         global_batch=plan.batch.global_batch_size, record=record,
                         tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
-                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite, progress=progress)
+                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite, progress=progress,
+                        pinned=pinned)
 
 
 def data_streams(plan: Plan, sources, engine, progress=lambda: None):

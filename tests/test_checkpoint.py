@@ -19,7 +19,7 @@ INFO = RunRecord(model_preset="debug", model_config=ModelConfig(depth=2), pipe_s
                  global_steps=0, samples_consumed=0)
 
 
-def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None):
+def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None, pinned=()):
     """A checkpoint folder with every file DeepSpeed would write (small real torch archives)."""
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
@@ -27,7 +27,7 @@ def fake_save(ckpt_dir, step, tmp_path, commit=True, keep_last=None):
     begin_save(ckpt_dir / tag, dataclasses.replace(INFO, global_steps=step), tok)
     for name in INFO.expected_files():
         torch.save({"x": torch.arange(100) + step}, ckpt_dir / tag / name)
-    return commit_save(ckpt_dir, tag, keep_last) if commit else []
+    return commit_save(ckpt_dir, tag, keep_last, pinned) if commit else []
 
 
 def test_expected_files_of_a_two_stage_checkpoint():
@@ -57,6 +57,24 @@ def test_keep_last_deletes_only_older_complete_checkpoints(tmp_path):
     assert [d.name for d in deleted] == ["global_step2"]
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["global_step4", "global_step5", "global_step6"]
     assert (ckpt / "latest").read_text() == "global_step6"
+
+
+def test_keep_last_spares_pinned_checkpoints_until_a_later_prune(tmp_path):
+    """A checkpoint an in-training evaluation reads (pinned) outlives --keep-last until it is
+    free; then the next prune deletes it, and never the one `latest` names."""
+    from lamda_pipe.checkpoint import prune_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    fake_save(ckpt, 2, tmp_path, keep_last=1)
+    assert fake_save(ckpt, 4, tmp_path, keep_last=1, pinned={"global_step2"}) == []
+    deleted = fake_save(ckpt, 6, tmp_path, keep_last=1, pinned={"global_step4"})
+    assert [d.name for d in deleted] == ["global_step2"]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["global_step4", "global_step6"]
+    (ckpt / "latest").write_text("global_step4")  # `latest` is never pruned, whatever is newer
+    assert prune_checkpoints(ckpt, 1) == []
+    (ckpt / "latest").write_text("global_step6")
+    assert [d.name for d in prune_checkpoints(ckpt, 1)] == ["global_step4"]
+    assert prune_checkpoints(ckpt, None) == []
 
 
 def test_damaged_checkpoints_are_named_and_left_alone(tmp_path):

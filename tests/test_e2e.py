@@ -3,6 +3,7 @@ the refusals that must happen before any process is started."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.launch  # the deepspeed launcher, and ds_train.py as a 
 ROOT = Path(__file__).resolve().parent.parent
 DS_TRAIN = str(ROOT / "ds_train.py")
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+HARNESS = importlib.util.find_spec("lm_eval") is not None  # the hf extra (in test too)
 
 
 def launch(run_dir: Path, *flags: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,7 +51,9 @@ def tensorboard_tags(run_dir: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    proc = launch(run_dir, "--steps", "6", "--save-every", "3", "--peak-tflops", "0.25")
+    # with lm-evaluation-harness at each checkpoint, in the background (tests/test_background_eval.py)
+    lm_eval = ["--lm-eval", "demo", "--lm-eval-args", "--limit 2 --batch-size 4"] if HARNESS else []
+    proc = launch(run_dir, "--steps", "6", "--save-every", "3", "--peak-tflops", "0.25", *lm_eval)
     return run_dir, proc
 
 
@@ -78,6 +82,30 @@ def test_launcher_run_writes_metrics_tensorboard_and_checkpoints(trained):
         files = {p.name for p in (ckpt / f"global_step{step}").iterdir()}
         assert {"layer_00-model_states.pt", "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= files
     assert "sample: " in proc.stdout
+
+
+@pytest.mark.skipif(not HARNESS, reason="the hf extra (in test too)")
+def test_lm_eval_during_training_gives_lamda_evals_figures_for_each_checkpoint(trained, tmp_path):
+    """The background evaluation of each checkpoint reports what lamda-eval, run by hand on the
+    same checkpoint with the same flags, prints: the right checkpoint, the whole result."""
+    from lamda_pipe.tools.eval_lm import main
+
+    run_dir, proc = trained
+    records = [r for r in read_metrics(run_dir) if "lm_eval" in r]
+    assert [r["step"] for r in records] == [3, 6], proc.stdout[-3000:]  # the last step's waits for step 3's
+    for r in records:
+        out = tmp_path / f"step{r['step']}.json"
+        assert main(["--model", str(run_dir / "checkpoints" / f"global_step{r['step']}"), "--limit", "2",
+                     "--batch-size", "4", "--device", "cpu", "--json", str(out)]) == 0
+        by_hand = json.loads(out.read_text())["results"]
+        assert set(r["lm_eval"]) == {"lamda_demo_heldout", "lamda_demo_next_sentence"}
+        for task, metrics in r["lm_eval"].items():
+            assert metrics == {k.removesuffix(",none"): v for k, v in by_hand[task].items()
+                               if "," in k and "stderr" not in k}, task
+        assert json.loads((run_dir / "lm_eval" / f"step_{r['step']}.json").read_text())["results"] == by_hand
+    assert records[1]["lm_eval"] != records[0]["lm_eval"]  # two checkpoints, two sets of figures
+    assert "lm_eval/lamda_demo_heldout/bits_per_byte" in " ".join(tensorboard_tags(run_dir))
+    assert "lm-eval lamda_demo_next_sentence | acc" in proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,9 @@ def check_task_names(names: list[str], include_path: Path | None):
     any model is read."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    # Indexing the harness' own tasks takes seconds: only when a name may be one of them.
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=any(n != "demo" for n in names))
     unknown = [n for n in names if n != "demo" and n not in manager.all_tasks]
     if unknown:
         raise DataError(f"--tasks {','.join(unknown)}: no such lm-evaluation-harness task; see `lm_eval ls tasks`, "
