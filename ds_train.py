@@ -7,7 +7,7 @@
 See lamda_pipe/train.py for the implementation and README.md for launching on clusters.
 """
 
-from lamda_pipe.train import main
+from lamda_pipe.train import cli
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -5,10 +5,11 @@ without processes: DeepSpeed JSON, world size, data, checkpoints) -> process gro
 pipeline engine -> resume -> the training loop -> sample. With --dry-run: RunConfig -> the plan
 of the run (tools/plan.py, plan_run) -> exit.
 
-The loop only calls components; each owns its cadence and state: the metrics logger (when to
-log, its own clock), the evaluator (when to validate, the weighted mean over sources), the
-checkpointer (when to save, the save protocol, resume and the data position) and, with
---lm-eval, rank 0's background harness evaluations of saved checkpoints (background_eval.py).
+The loop only calls components (built in components.py); each owns its cadence and state: the
+metrics logger (when to log, its own clock), the evaluator (when to validate, the weighted mean
+over sources), the checkpointer (when to save, the save protocol, resume and the data position)
+and, with --lm-eval, rank 0's background harness evaluations of saved checkpoints
+(background_eval.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from .background_eval import BackgroundEval, check_harness
 from .checkpoint import Layout, ResumePoint, holds_checkpoints
+from .components import (data_streams, demo_sources, loss_scale, make_checkpointer, make_logger, record_template,
+                         start_lifecycle)
 from .config import ModelConfig
 from .data.batches import BatchFormat
 from .data.loader import open_sources
@@ -30,11 +33,10 @@ from .data.order import CURRENT as ORDER_CURRENT
 from .distributed import launch_env, set_cpu_threads
 from .ds_config import BatchShape, check_run, default_config_path, fill_run_values, load_config
 from .errors import EXIT_BAD_INPUT, EXIT_REQUEUE, CheckpointError, ConfigError, UsageError
-from .guard import (EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, finite_or_nan, settings_for,
-                    weights_finite)
+from .guard import EXIT_DIVERGED, Diverged, Fault, Guard, check_ds_config, finite_or_nan, settings_for
 from .resume import check_demo_tokenizer, check_no_overwrite, resume_point
 from .run_config import RunConfig
-from .run_format import CHECKPOINTS, ModelPath, RunRecord, resolve_model, tag_for
+from .run_format import CHECKPOINTS, ModelPath, resolve_model, tag_for
 from .run_report import describe_run, print_sample
 
 
@@ -130,24 +132,6 @@ def check_writable(run_dir: Path) -> None:
     finally:
         with contextlib.suppress(OSError):  # nothing was created where writing failed
             probe.unlink()
-
-
-def record_template(run: RunConfig, cfg: ModelConfig, ds: dict, batch: BatchShape, bounds, sources,
-                    data_order: int = ORDER_CURRENT) -> RunRecord:
-    """This run's record with the step fields zero; the checkpointer fills them in at each save."""
-    return RunRecord(model_preset=run.model, model_config=cfg, pipe_stages=run.pipe_stages,
-                     data_parallel=batch.data_parallel, global_steps=0, samples_consumed=0,
-                     stage_bounds=tuple(bounds), partition=run.partition,
-                     bf16=bool(ds.get("bf16", {}).get("enabled", False)), seq_len=run.seq_len,
-                     data=run.data or str(run.run_dir / "data"),
-                     tokenizer_sha256=sources[0].meta["tokenizer_sha256"] if sources else None, ds_config=ds,
-                     dialog=dialog_record(sources), document_mask=run.document_mask, data_order=data_order)
-
-
-def dialog_record(sources) -> dict | None:
-    """The run record's `dialog`: the attributes the dialog data teaches the model to rate."""
-    attributes = sorted({a for s in sources or () for a in s.attributes})
-    return {"attributes": attributes} if attributes else None
 
 
 def check_init_source(path: Path, cfg: ModelConfig) -> ModelPath:
@@ -315,30 +299,6 @@ def heal(fault: Fault, guard: Guard, checkpointer, engine, train_stream, rank: i
     return train_stream.iterate(slot_offset=checkpointer.samples_consumed(engine.global_steps))
 
 
-def start_lifecycle(plan: Plan, engine, rank: int, job=None):
-    """Stop requests, the launcher watch and the hang watchdog (lamda_pipe/lifecycle.py), with a
-    gloo group of its own: the per-step stop agreement is a CPU all-reduce, never a device sync."""
-    import torch.distributed as dist
-
-    from .lifecycle import Lifecycle
-
-    group = dist.new_group(backend="gloo")
-    return Lifecycle(plan.run.run_dir, rank, engine.stage_id, hang_timeout=plan.run.hang_timeout,
-                     stop_timeout=plan.run.stop_timeout, group=group,
-                     log=lambda msg: print(msg, flush=True), job=job).start()
-
-
-def demo_sources(run: RunConfig, cfg: ModelConfig, rank: int, barrier) -> list:
-    """The demo's data: rank 0 prepares the bundled corpus into RUN_DIR/data (or finds it cached)."""
-    from .data.loader import prepare_bundled
-
-    data_dir = run.run_dir / "data"
-    if rank == 0:
-        prepare_bundled(data_dir, cfg.vocab_size)
-    barrier()
-    return open_sources(str(data_dir), model_vocab=cfg.vocab_size, seq_len=run.seq_len)
-
-
 def build_engine(plan: Plan, rank: int):
     """The pipeline, initialised from --init-from's weights if given, wrapped by DeepSpeed."""
     import deepspeed
@@ -364,69 +324,23 @@ def build_engine(plan: Plan, rank: int):
     return engine
 
 
-def make_checkpointer(plan: Plan, sources, rank: int, barrier, progress, pinned=set):
-    from .checkpoint import Checkpointer
+def cli() -> None:
+    """The command (ds_train.py, lamda-train): main(), then the process ends without the
+    interpreter's teardown. By then every rank has finished together and closed what it wrote
+    (checkpoints, metrics.jsonl, the monitors' files, flushed as written); Python's exit
+    handlers still run and the standard streams are flushed. What is skipped is the teardown of
+    torch's and DeepSpeed's native state, seconds per process at the end of every job (NCCL's
+    destructors are known to hang there). An exception takes the ordinary way out."""
+    import atexit
 
-    run = plan.run
-    record = record_template(run, plan.model, plan.ds, plan.batch, plan.bounds, sources, plan.data_order)
-    return Checkpointer(run.run_dir / CHECKPOINTS, every=run.save_every, keep_last=run.keep_last,
-                        global_batch=plan.batch.global_batch_size, record=record,
-                        tokenizer=sources[0].tokenizer_path, rank=rank, barrier=barrier,
-                        log=lambda msg: print(msg, flush=True), weights_finite=weights_finite, progress=progress,
-                        pinned=pinned)
-
-
-def data_streams(plan: Plan, sources, engine, progress=lambda: None):
-    """The training stream (batches from a data position: .iterate(slot_offset=...)) and the
-    evaluator over the val splits (progress: called after each validation batch)."""
-    from .data.loader import MicroBatchStream
-    from .evaluate import Evaluator
-
-    run, batch = plan.run, plan.batch
-    dp_rank, dp_size = engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
-
-    def stream(splits, shuffle, weights=None):
-        return MicroBatchStream(splits, run.seq_len, batch.micro_batch_size, dp_rank, dp_size, seed=run.seed,
-                                shuffle=shuffle, weights=weights, fmt=plan.fmt, accum=batch.grad_accum_steps,
-                                order=plan.data_order)
-
-    def split(source, name):
-        return source.split(name, document_mask=run.document_mask)
-
-    train_stream = stream([split(s, "train") for s in sources], True, [s.weight for s in sources])
-    val_streams = {s.name: (s.weight, stream([split(s, "val")], False)) for s in sources if has_val(s, run.seq_len)}
-    return train_stream, Evaluator(val_streams, every=run.eval_every, iters=run.eval_iters, progress=progress)
-
-
-def has_val(source, seq_len: int) -> bool:
-    """Whether a source's val split gives at least one row: a dialog example, or seq_len + 1 tokens."""
-    if source.kind == "dialog":
-        return source.meta["splits"]["val"]["examples"] > 0
-    return len(source.tokens("val")) > seq_len
-
-
-def make_logger(plan: Plan, engine, rank: int, world_size: int):
-    import torch
-
-    from .config import flops_per_token
-    from .metrics import MetricsLogger, peak_tflops_for, run_sinks
-
-    run = plan.run
-    peak = run.peak_tflops
-    if peak is None and torch.cuda.is_available():
-        peak = peak_tflops_for(torch.cuda.get_device_name())
-    return MetricsLogger(run_sinks(run.run_dir, enabled=rank == 0, monitor=engine.monitor),
-                         tokens_per_step=plan.batch.global_batch_size * run.seq_len,
-                         flops_per_token=flops_per_token(plan.model, run.seq_len),
-                         monitor_writes_loss_scale=engine.fp16_enabled(), devices=world_size, peak_tflops=peak,
-                         log_every=run.log_every)
-
-
-def loss_scale(engine) -> float:
-    scale = engine._get_optimizer_loss_scale() if engine.fp16_enabled() else 1.0  # DeepSpeed has no public getter
-    return float(scale or 1.0)
+    status = main()
+    atexit._run_exitfuncs()  # CPython's own exit-handler runner: what a normal exit calls first
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    raise SystemExit(main())
+    cli()
