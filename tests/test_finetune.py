@@ -34,7 +34,7 @@ def pretrained(tmp_path_factory):
     from lamda_pipe.data.prepare_dialog import prepare_dialog_data
 
     root = tmp_path_factory.mktemp("finetune")
-    launch(root / "pre", "--steps", "2", "--save-every", "2", "--sample-tokens", "0")
+    launch(root / "pre", "--steps", "2", "--save-every", "2", "--sample-tokens", "0", direct=True)
     write_dialogs(root / "dialogs.jsonl", 120, seed=0)
     prepare_dialog_data(read_dialogs(root / "dialogs.jsonl"), root / "pre" / "data" / "tokenizer.json",
                         root / "dialogs", val_fraction=0.05, progress=False)
@@ -49,7 +49,7 @@ def finetune_flags(root: Path) -> list[str]:
 
 def test_finetune_on_a_mixture_resumes_exactly_after_sigkill(pretrained, tmp_path):
     reference = tmp_path / "reference"
-    proc = launch(reference, *finetune_flags(pretrained))
+    proc = launch(reference, *finetune_flags(pretrained), direct=True)
     assert "initialised from" in proc.stdout
     assert "dialog examples packed into" in proc.stdout and "attention stays within each packed example" in proc.stdout
     record = json.loads((reference / "checkpoints" / f"global_step{STEPS}" / "lamda_run.json").read_text())
@@ -71,7 +71,7 @@ def test_finetune_on_a_mixture_resumes_exactly_after_sigkill(pretrained, tmp_pat
     job.wait(timeout=30)
     assert 3 <= killed_at < STEPS, killed_at
     # the requeued job runs the very same command: it resumes, --init-from is not applied again
-    proc = launch(run_dir, *finetune_flags(pretrained))
+    proc = launch(run_dir, *finetune_flags(pretrained), direct=True)
     assert "--init-from" in proc.stdout and "only starts a run whose --run-dir holds no checkpoint" in proc.stdout
     assert "initialised from" not in proc.stdout
     assert final_losses(run_dir) == losses
@@ -90,7 +90,7 @@ def test_the_fine_tuned_model_exports_with_its_discriminators_and_the_tools_rank
 
     run_dir = tmp_path / "ft"
     launch(run_dir, "--init-from", str(pretrained / "pre"), "--data", str(pretrained / "dialogs"), "--steps", "2",
-           "--sample-tokens", "0")
+           "--sample-tokens", "0", direct=True)
     export = export_checkpoint(run_dir, tmp_path / "export")
     config = json.loads((export / "config.json").read_text())
     assert config["dialog"]["attributes"] == ["interesting", "safe", "sensible", "specific"]

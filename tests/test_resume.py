@@ -59,7 +59,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     rng = random.Random(seed)
     print(f"kill schedule seed {seed}")  # shown on failure, to replay the schedule
     reference = tmp_path / "reference"
-    launch(reference, "--resume", "auto", *FLAGS)
+    launch(reference, "--resume", "auto", *FLAGS, direct=True)
 
     run_dir = tmp_path / "killed"
     kills = []
@@ -76,7 +76,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         kills.append((target, last_step(run_dir), proc.poll()))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    launch(run_dir, "--resume", "auto", *FLAGS)  # the requeued job: same command, to the end
+    launch(run_dir, "--resume", "auto", *FLAGS, direct=True)  # the requeued job: same command, to the end
 
     # at least one kill hit a live run past its target step (a late one may find it finished)
     assert any(seen >= target and alive is None for target, seen, alive in kills), kills
@@ -95,9 +95,9 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
 
 def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
     source = tmp_path / "source"
-    launch(source, "--steps", "4", "--save-every", "4", "--sample-tokens", "0")
+    launch(source, "--steps", "4", "--save-every", "4", "--sample-tokens", "0", direct=True)
     fresh = tmp_path / "fresh"
-    proc = launch(fresh, "--steps", "2", "--init-from", str(source), "--sample-tokens", "0")
+    proc = launch(fresh, "--steps", "2", "--init-from", str(source), "--sample-tokens", "0", direct=True)
     assert "initialised from" in proc.stdout
     steps = [r["step"] for r in read_metrics(fresh) if "loss" in r]
     assert steps == [1, 2]  # a new step count
@@ -111,7 +111,8 @@ def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
 
     hf = export_checkpoint(source, tmp_path / "hf", fmt="hf")
     from_hf = tmp_path / "from_hf"
-    launch(from_hf, "--steps", "2", "--init-from", str(hf), "--sample-tokens", "0", "--data", str(source / "data"))
+    launch(from_hf, "--steps", "2", "--init-from", str(hf), "--sample-tokens", "0", "--data", str(source / "data"),
+           direct=True)
     assert [r["loss"] for r in read_metrics(from_hf) if "loss" in r] == [
         r["loss"] for r in read_metrics(fresh) if "loss" in r]
     # and through our own export format: --init-from reads the very tensors of the checkpoint

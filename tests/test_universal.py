@@ -7,13 +7,13 @@ within 1e-6)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
 
 import pytest
 
-from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT, read_metrics
-from tests.dist_utils import free_port
+from tests.dist_utils import launch_direct
+from tests.test_e2e import DS_TRAIN, ROOT, read_metrics
 
 pytestmark = pytest.mark.launch  # the deepspeed launcher and universal-checkpoint conversion
 
@@ -22,13 +22,13 @@ COMMON = ["--save-every", str(BASE_STEPS), "--eval-every", "0", "--log-every", "
 
 
 def run(run_dir, procs, stages, steps, *extra, config=None):
-    cmd = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), DS_TRAIN,
-           "--run-dir", str(run_dir), "--pipe-stages", str(stages), "--steps", str(steps), *COMMON, *extra]
+    """ds_train.py's ranks started without a launcher (tests.dist_utils.launch_direct): the
+    layouts are the subject here, and test_e2e runs the deepspeed launcher itself."""
+    args = [DS_TRAIN, "--run-dir", str(run_dir), "--pipe-stages", str(stages), "--steps", str(steps), *COMMON, *extra]
     if config is not None:
-        cmd += ["--deepspeed_config", str(config)]
-    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, capture_output=True,
-                          text=True, timeout=300)
+        args += ["--deepspeed_config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = launch_direct(args, procs, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
