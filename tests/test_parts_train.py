@@ -1,7 +1,7 @@
 """Dirs prepared in parts by separate `lamda-prepare-data --shard i/N` processes: tasks started
-together without a plan agree on one (they race to write it); the dir trains, through the real
-DeepSpeed launcher (2 ranks, 2 stages), with exactly the losses (train and validation) of the dir
-one process prepares from the same files with the same tokenizer; with a part missing,
+together without a plan agree on one (they race to write it); the dir trains (2 ranks, 2 stages,
+started without a launcher) with exactly the losses (train and validation) of the dir one process
+prepares from the same files with the same tokenizer; with a part missing,
 ds_train.py refuses before any work, naming the shard to run."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lamda_pipe.data.loader import DataSource, bundled_corpus
 from lamda_pipe.data.prepare import read_meta
 from lamda_pipe.data.text_sources import iter_documents
 from lamda_pipe.data.tokenizer import train_tokenizer
-from tests.dist_utils import free_port
+from tests.dist_utils import launch_direct
 
 pytestmark = pytest.mark.launch  # console tools and ds_train.py as subprocesses, the deepspeed launcher
 
@@ -37,10 +37,9 @@ def prepare(tok: Path, out: Path, *extra: str) -> str:
 
 def train(data: Path, run_dir: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
-                           str(free_port()), "ds_train.py", "--run-dir", str(run_dir), "--data", str(data), "--steps",
-                           "4", "--log-every", "1", "--eval-every", "2", "--eval-iters", "2", "--sample-tokens", "0",
-                           "--save-every", "1000"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch_direct(["ds_train.py", "--run-dir", str(run_dir), "--data", str(data), "--steps", "4", "--log-every",
+                          "1", "--eval-every", "2", "--eval-iters", "2", "--sample-tokens", "0", "--save-every", "1000"],
+                         2, cwd=ROOT, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in records if "loss" in r or "val_loss" in r]

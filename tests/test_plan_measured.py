@@ -1,7 +1,7 @@
 """The planner against real launches: its peak memory per stage against the CPU allocator's
 measurement of the DeepSpeed pipeline engine (bench/pipeline.py --part memory, started by
-torchrun), for the debug preset at 1 and 2 stages, without and with activation checkpointing
-(the readme preset and 4 stages: bench/plan_vs_measured.py, docs/benchmarks.md, "Planned
+torchrun), for the debug preset at 2 stages, without and with activation checkpointing
+(1 stage, the readme preset and 4 stages: bench/plan_vs_measured.py, docs/benchmarks.md, "Planned
 against measured memory"); and ds_train.py --dry-run under torchrun."""
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ def load_bench():
 
 
 def test_predicted_peak_per_stage_within_15_percent_of_measured():
+    """Two stages (a first stage with the embedding and blocks, a last one with blocks, the
+    head and the loss), without and with activation checkpointing."""
     bench = load_bench()
-    rows = bench.compare(bench.measure("debug", 128, "1,2"))
-    assert [(r["p"], r["ckpt"], r["stage"]) for r in rows] == [(1, 0, 0), (2, 0, 0), (2, 0, 1),
-                                                               (1, 1, 0), (2, 1, 0), (2, 1, 1)]
+    rows = bench.compare(bench.measure("debug", 128, "2"))
+    assert [(r["p"], r["ckpt"], r["stage"]) for r in rows] == [(2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1)]
     off = {(r["p"], r["ckpt"], r["stage"]): f"{r['error']:+.1%}" for r in rows if abs(r["error"]) > 0.15}
     assert not off, f"predicted peak off by more than 15%:\n{bench.table(rows)}"
 
