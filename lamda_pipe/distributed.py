@@ -62,12 +62,19 @@ def set_cpu_threads(local_world_size: int) -> int:
 
 
 def init_distributed() -> None:
-    """Starts the process group without DeepSpeed's shared-memory all-reduce op: it serves only
-    inference, yet JIT-compiles C++ on every cold start. Its on/off switch is
+    """Starts the process group (without DeepSpeed's shared-memory all-reduce op: skip_shm_comm)."""
+    import deepspeed
+
+    skip_shm_comm()
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+
+
+def skip_shm_comm() -> None:
+    """DeepSpeed's shared-memory all-reduce op serves only inference, yet deepspeed.comm's
+    start JIT-compiles it (C++, tens of seconds on a cold cache). Its on/off switch is
     DeepSpeed's table of compatible ops, read only there; setting the entry before the table
     is first read also skips the probe that builds it (compiler runs, linker noise on stderr).
-    """
-    import deepspeed
+    Call before anything starts deepspeed.comm."""
     import deepspeed.ops
 
     compatible = deepspeed.ops.__dict__.get("__compatible_ops__")
@@ -75,4 +82,3 @@ def init_distributed() -> None:
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     else:
         compatible["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(auto_mpi_discovery=False)

@@ -173,9 +173,12 @@ def rank0(monkeypatch):
     import torch.distributed as tdist
     import deepspeed.comm as dcomm
 
+    from lamda_pipe.distributed import skip_shm_comm
+
     # deepspeed.comm's backend handle goes back to what it was, so that later tests (and the
     # ranks they fork) start DeepSpeed as if this test had not run.
     monkeypatch.setattr(dcomm.comm, "cdb", dcomm.comm.cdb)
+    skip_shm_comm()  # as the trainer starts deepspeed.comm: no C++ build of an inference-only op
     owned = not tdist.is_initialized()
     if owned:
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
