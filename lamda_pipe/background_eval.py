@@ -4,8 +4,9 @@ a child process while the pipeline goes on training.
 Why a child process: the harness, its imports and a second copy of the model stay out of rank 0,
 whose step time, memory and signal handling the pipeline depends on, and the figures are those
 `lamda-eval` gives for the same checkpoint, because the child *is* lamda-eval
-(lamda_pipe.tools.eval_lm). It runs at a lower CPU priority (nice), defaults to `--device cpu`
-(on a GPU node every device already holds a stage; `--lm-eval-args "--device cuda:7"` picks one),
+(lamda_pipe.tools.eval_lm). It runs at the lowest CPU priority (nice, and on Linux the idle
+scheduling class: CPU time only when no rank wants it), defaults to `--device cpu`
+(on a GPU node every device may hold a stage; `--lm-eval-args "--device cuda:7"` picks one),
 dies with its parent (PR_SET_PDEATHSIG), and sees no launcher environment (it is no rank).
 
 Cadence: after the save of every --lm-eval-every-th step (a multiple of --save-every, so the
@@ -25,6 +26,7 @@ TensorBoard scalars lm_eval/TASK/METRIC at the checkpoint's samples seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -231,6 +233,8 @@ def _child_main(argv: list[str]) -> int:
     from .lifecycle import PR_SET_PDEATHSIG
 
     os.nice(NICENESS)
+    with contextlib.suppress(AttributeError, OSError):  # Linux: CPU time only when no rank wants it
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
         import ctypes
 
