@@ -323,9 +323,10 @@ def main(argv=None) -> int:
     # only reads the GPU's size): they run beside the tests, which need the GPU. The smoke legs
     # use torch's AdamW instead: DeepSpeed's CPU Adam would be another C++ build.
     with ThreadPoolExecutor(3) as pool:
-        build = None if smoke else pool.submit(build_fused_adam, env, py, 240.0)
+        build = None if smoke else pool.submit(build_fused_adam, env, py, min(240.0, deadline - time.monotonic()))
         prepared = pool.submit(prepare_data, env, py, data, vocab)
-        planned = pool.submit(dry_runs, env, py, [(leg["name"], ["--dry-run", *leg["argv"]]) for leg in legs], 120.0)
+        planned = pool.submit(dry_runs, env, py, [(leg["name"], ["--dry-run", *leg["argv"]]) for leg in legs],
+                              min(120.0, deadline - time.monotonic()))
         results.put("cuda_tests", cuda_tests(env, py, min(120.0, deadline - time.monotonic())))
         if build is not None:
             results.put("fused_adam_build", build.result())
