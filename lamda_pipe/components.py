@@ -115,7 +115,8 @@ def make_logger(plan: Plan, engine, rank: int, world_size: int):
                          tokens_per_step=plan.batch.global_batch_size * run.seq_len,
                          flops_per_token=flops_per_token(plan.model, run.seq_len),
                          monitor_writes_loss_scale=engine.fp16_enabled(), devices=world_size, peak_tflops=peak,
-                         log_every=run.log_every)
+                         log_every=run.log_every,
+                         peak_memory=torch.cuda.max_memory_allocated if torch.cuda.is_available() else None)
 
 
 def loss_scale(engine) -> float:

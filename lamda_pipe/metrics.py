@@ -125,9 +125,10 @@ class ConsoleSink(Sink):
                       flush=True)
             return
         mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+        peak = f" | peak {record['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in record else ""
         print(f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
               f"loss scale {record['loss_scale']:g} | {record['tokens_per_s']:,.0f} tokens/s | "
-              f"{record['tflops_per_device']:.3f} TFLOP/s per device{mfu}", flush=True)
+              f"{record['tflops_per_device']:.3f} TFLOP/s per device{mfu}{peak}", flush=True)
 
 
 class MonitorSink(Sink):
@@ -177,12 +178,15 @@ class MetricsLogger:
 
     def __init__(self, sinks: Sequence[Sink], *, tokens_per_step: int, flops_per_token: int,
                  monitor_writes_loss_scale: bool = False, devices: int = 1, peak_tflops: float | None = None,
-                 log_every: int = 1, clock: Callable[[], float] = time.perf_counter):
+                 log_every: int = 1, clock: Callable[[], float] = time.perf_counter,
+                 peak_memory: Callable[[], int] | None = None):
         """flops_per_token: the model's training FLOPs per token (config.flops_per_token);
         peak_tflops: one device's peak, for MFU = achieved FLOP/s / (devices x peak); None: no MFU;
         monitor_writes_loss_scale: DeepSpeed's monitor records the loss scale itself (under
         fp16), so it is left out of the scalars; log_every: the training-metrics cadence;
-        clock: seconds, for the throughput."""
+        clock: seconds, for the throughput; peak_memory: the device's peak allocation so far in
+        bytes (CUDA: torch.cuda.max_memory_allocated, which reads a counter and does not sync),
+        logged as peak_memory_gib to hold against the planner's prediction; None: not logged."""
         self.sinks = list(sinks)
         self.log_every = log_every
         self.enabled = bool(self.sinks)
@@ -192,6 +196,7 @@ class MetricsLogger:
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.clock = clock
+        self.peak_memory = peak_memory
         self._mark: tuple[float, int] | None = None
 
     def should_log(self, step: int, last_step: bool = False) -> bool:
@@ -220,6 +225,8 @@ class MetricsLogger:
             record["mfu"] = scalars["mfu"] = tflops / (self.devices * self.peak_tflops)
         if self.scalar_loss_scale:
             scalars["loss_scale"] = loss_scale
+        if self.peak_memory is not None:
+            record["peak_memory_gib"] = scalars["peak_memory_gib"] = self.peak_memory() / 2 ** 30
         return record, scalars
 
     def log_train(self, step: int, samples: int, loss: float, lr: float, loss_scale: float,

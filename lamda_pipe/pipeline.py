@@ -45,6 +45,8 @@ checkpoint, as a change of stage count does (ZeRO's optimizer state is stored pe
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -55,6 +57,7 @@ from torch import nn
 from .config import ModelConfig, block_param_count
 from .data.batches import PLAIN, BatchFormat
 from .attention import AttentionSetting, PositionCache
+from .attention_kernels import select_kernel
 from .errors import ConfigError
 from .model import Block, TokenEmbedding, init_block_weights
 
@@ -235,12 +238,14 @@ class LaMDAPipeline(PipelineModule):
 
 
 def build_pipeline(cfg: ModelConfig, bounds: list[int], seed: int, activation_checkpoint_interval: int = 0,
-                   attention: str = "auto", fmt: BatchFormat = PLAIN) -> PipelineModule:
+                   attention: str = "auto", fmt: BatchFormat = PLAIN, compile_seq_len: int | None = None
+                   ) -> PipelineModule:
     """Assembles the pipeline split at ``bounds`` (from ``stage_bounds``; the stage count is
     len(bounds) - 1). Each layer is built and run under a seed derived from its global index,
     so initialisation and dropout do not depend on the number of stages or where they are cut.
     ``attention`` names the kernel (attention_kernels.ATTENTION_CHOICES); ``fmt`` is the run's
-    BatchFormat (the protocol in the module docstring)."""
+    BatchFormat (the protocol in the module docstring); ``compile_seq_len``: None, or the
+    sequence length to compile this stage's blocks for (``compile_blocks``)."""
     module = LaMDAPipeline(
         layers=layer_specs(cfg, attention, fmt.document_mask),
         num_stages=len(bounds) - 1,
@@ -254,7 +259,75 @@ def build_pipeline(cfg: ModelConfig, bounds: list[int], seed: int, activation_ch
     )
     # Lets DeepSpeed's ds_to_universal convert checkpoints of this model (changing stage count).
     module.universal_checkpoint_info = universal_checkpoint_info()
+    if compile_seq_len is not None:
+        compile_blocks(module, compile_seq_len)
     return module
+
+
+def compile_blocks(module: PipelineModule, seq_len: int) -> int:
+    """Compiles this stage's blocks in place (see the module docstring); returns how many.
+
+    Before that, the stage's position cache is filled for seq_len on the blocks' device
+    (PipelineModule has moved them there), so that no compiled frame guards on a dict that is
+    still changing. Only flex reads the cache inside the compiled region; sdpa and cpu_flash
+    run eagerly (attention.py)."""
+    blocks = [layer for layer in module.forward_funcs if isinstance(layer, BlockPipe)]
+    if not blocks:
+        return 0
+    first = blocks[0]
+    positions, setting, device = first._positions, first._attention, first.attn.qkv.weight.device
+    positions.get(seq_len, seq_len, device)
+    kernel = select_kernel(setting.kernel, device, seq_len, seq_len, first.attn.dropout > 0,
+                           max_distance=positions.max_distance)
+    if kernel == "flex":
+        positions.get_flex(seq_len, device)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def check_compile(device_type: str) -> None:
+    """Refuses --compile where torch.compile cannot build kernels (compile_unavailable)."""
+    why = compile_unavailable(device_type)
+    if why is not None:
+        raise ConfigError(f"--compile: {why}")
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why torch.compile cannot build kernels on this machine (the fix included), or None.
+
+    Inductor writes C++ for CPU kernels and builds it with the C++ compiler of its
+    config.cpp.cxx (the CXX variable, else g++); on CUDA it writes Triton kernels, and Triton
+    builds its launcher with a C compiler (CC, else gcc or clang). Without one the first step
+    would fail, after start-up, on every rank. Asks inductor's own compiler search (it runs the
+    compiler's --version) rather than guessing its rules."""
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        return (f"torch {torch.__version__} cannot compile on this Python; drop --compile, or use a Python "
+                f"version torch.compile supports")
+    if device_type == "cuda":
+        import shutil
+
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "torch.compile needs Triton on CUDA and it is not installed; install triton or drop --compile"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return ("torch.compile needs a C compiler on CUDA (Triton builds its launcher with one) and none "
+                    "was found; install gcc (or set CC) or drop --compile")
+        return None
+    from torch._inductor import config, exc
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    search = tuple(config.cpp.cxx) if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    try:
+        cpp_compiler_search(search)
+    except exc.InvalidCxxCompiler:
+        names = ", ".join(c for c in search if c) or "g++"
+        return (f"torch.compile needs a C++ compiler on CPU and none works here (tried: {names}); install g++ "
+                f"(e.g. apt-get install g++) or set CXX to one, or drop --compile")
+    return None
 
 
 def universal_checkpoint_info() -> dict:

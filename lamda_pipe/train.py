@@ -61,11 +61,13 @@ def preflight(run: RunConfig) -> Plan:
     import torch
 
     from .attention_kernels import check_request
-    from .pipeline import LEGACY_PARTITION, stage_bounds
+    from .pipeline import LEGACY_PARTITION, check_compile, stage_bounds
 
     cfg = run.model_config
     cuda = torch.cuda.is_available()
     check_request(run.attention, "cuda" if cuda else "cpu", cfg.dropout)
+    if run.compile:
+        check_compile("cuda" if cuda else "cpu")  # not at the first step, on every rank
     ds = load_config(run_ds_path(run, cuda))
     check_ds_config(ds)
     env = launch_env(run.local_rank)
@@ -309,8 +311,11 @@ def build_engine(plan: Plan, rank: int):
     run, cfg = plan.run, plan.model
     net = build_pipeline(cfg, list(plan.bounds), run.seed, attention=run.attention, fmt=plan.fmt,
                          activation_checkpoint_interval=plan.ds.get("pipeline", {}).get(
-                             "activation_checkpoint_interval", 0))
+                             "activation_checkpoint_interval", 0),
+                         compile_seq_len=run.seq_len if run.compile else None)
     if rank == 0:
+        if run.compile:
+            print("--compile: each block compiled in place with torch.compile (the first steps compile)", flush=True)
         print(f"pipeline stages by --partition {run.partition} (stage bounds {list(plan.bounds)}; training "
               f"FLOPs per token at seq {run.seq_len}):\n{describe_stages(cfg, list(plan.bounds), run.seq_len)}",
               flush=True)

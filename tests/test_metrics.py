@@ -78,6 +78,20 @@ def test_loss_scale_goes_to_the_curves_only_when_deepspeed_does_not_write_it():
 
 
 @pytest.mark.unit
+def test_peak_memory_is_logged_when_the_trainer_gives_a_reading(capsys):
+    """On CUDA the trainer passes torch.cuda.max_memory_allocated; without it (CPU) no field."""
+    clock = Clock()
+    rec = Recorder()
+    logger = make_logger([rec, ConsoleSink()], clock, peak_memory=lambda: 3 * 2 ** 29)
+    logger.start(0)
+    clock.now += 1.0
+    record = logger.log_train(1, 16, 3.0, 1e-3, 1.0)
+    assert record["peak_memory_gib"] == 1.5 and rec.writes[0][1]["peak_memory_gib"] == 1.5
+    assert capsys.readouterr().out.endswith("| MFU 7.5% | peak 1.50 GiB\n")
+    assert "peak_memory_gib" not in make_logger([], clock).train_record(1, 3.0, 1e-3, 1.0, 1.0, 1)[0]
+
+
+@pytest.mark.unit
 def test_no_peak_no_mfu_and_no_elapsed_time_is_nan(capsys):
     clock = Clock()
     logger = make_logger([ConsoleSink()], clock, peak_tflops=None)
