@@ -5,8 +5,8 @@
 * it computes what eager blocks compute (distributed: 2 forked ranks, 2 stages, 10 steps of
   the `debug` model at its training shape): the losses agree within fp32 noise (FP32_BOUND),
   with and without activation checkpointing, and each way's checkpoint trains on in the other;
-* a resume with it is bit-identical to an uninterrupted compiled run (launch: ds_train.py
-  through the deepspeed launcher), and a machine without a C++ compiler is refused before any
+* a resume with it is bit-identical to an uninterrupted compiled run (launch: ds_train.py's
+  2 ranks as processes), and a machine without a C++ compiler is refused before any
   work (launch: ds_train.py as a subprocess);
 * on CUDA (cuda, skipped without a GPU): compiled blocks with flex, plain and document-masked,
   match eager ones.
@@ -166,20 +166,20 @@ def layer_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.launch
 def test_a_compiled_resume_is_bit_identical_to_an_uninterrupted_compiled_run(tmp_path):
-    """ds_train.py --compile, 2 ranks through the deepspeed launcher (OMP_NUM_THREADS=1): a run
+    """ds_train.py --compile, 2 ranks started without a launcher (OMP_NUM_THREADS=1): a run
     to step 4 saving at 2, and a run resumed from that step-2 checkpoint in a run dir as a job
     killed right after that save leaves it (the same --steps, so the same LR schedule)."""
     from tests.test_e2e import launch
 
     flags = ["--compile", "--steps", "4", "--save-every", "2", "--eval-every", "0", "--sample-tokens", "0"]
     whole = tmp_path / "whole"
-    proc = launch(whole, *flags)
+    proc = launch(whole, *flags, direct=True)
     assert "compiled in place" in proc.stdout
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "data", resumed / "data")
     shutil.copytree(whole / "checkpoints" / "global_step2", resumed / "checkpoints" / "global_step2")
     (resumed / "checkpoints" / "latest").write_text("global_step2")
-    proc = launch(resumed, *flags, "--resume", "auto")
+    proc = launch(resumed, *flags, "--resume", "auto", direct=True)
     assert "resumed from" in proc.stdout and "compiled in place" in proc.stdout
     expected = {step: loss for step, loss in loss_by_step(whole).items() if step > 2}
     assert list(expected) == [3, 4] and loss_by_step(resumed) == expected
