@@ -17,26 +17,20 @@ from __future__ import annotations
 
 import secrets
 import sys
-from pathlib import Path
 
 from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
-from .generate import NO_DISCRIMINATORS, _check_args, add_safety_threshold, describe_candidates, open_dialog, \
-    open_model, open_source
+from .generate import NO_DISCRIMINATORS, _check_args, add_model_args, add_safety_threshold, describe_candidates, \
+    open_dialog, open_model, open_source
 
 QUIT, RESET = "/quit", "/reset"
 
 
 def parse_args(argv):
-    from ..attention_kernels import ATTENTION_CHOICES  # imports torch, which this module defers
-
     p = ArgumentParser(prog="lamda-chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, metavar="EXPORT_OR_CHECKPOINT_DIR",
-                   help="an export dir (lamda-export), or a run dir / RUN/checkpoints / one checkpoint dir")
+    add_model_args(p)
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="a user turn; repeat for a scripted conversation (default: read turns from stdin)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.json to use (default: the one beside the model)")
     p.add_argument("--num-candidates", type=int, default=16, help="responses sampled per turn (default 16, "
                                                                    "as in the paper)")
     p.add_argument("--show-candidates", action="store_true",
@@ -48,9 +42,6 @@ def parse_args(argv):
     p.add_argument("--user-name", default="User", help="the user's speaker name in the context (default User)")
     p.add_argument("--bot-name", default="Bot", help="the model's speaker name in the context (default Bot)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
-                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto)")
     args = p.parse_args(argv)
     for flag, name in (("--user-name", args.user_name), ("--bot-name", args.bot_name)):
         if not name.strip() or "\n" in name:

@@ -19,21 +19,17 @@ from pathlib import Path
 
 from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
-from .generate import open_dialog, open_model, open_source
+from .generate import add_model_args, open_dialog, open_model, open_source
 
 
 def parse_args(argv):
-    from ..attention_kernels import ATTENTION_CHOICES  # imports torch, which this module defers
     from ..dialog_eval import MODES
 
     p = ArgumentParser(prog="lamda-eval-dialog", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, metavar="EXPORT_OR_CHECKPOINT_DIR",
-                   help="an export dir (lamda-export), or a run dir / RUN/checkpoints / one checkpoint dir")
+    add_model_args(p)
     p.add_argument("--dialogs", type=Path, required=True, metavar="FILE",
                    help="held-out dialogs (JSON lines, the dialog file format); the last turn of each is the "
                         "reference answer")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.json to use (default: the one beside the model)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"how to answer, comma-separated among {', '.join(MODES)} (default: all)")
     p.add_argument("--num-candidates", type=int, default=16, help="candidates of the rank mode (default 16)")
@@ -42,9 +38,6 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=None, help="use the first N dialogs only")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling modes (default 0)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
-                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto)")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]

@@ -21,25 +21,18 @@ from pathlib import Path
 
 from ..data.text_sources import DataError
 from . import ArgumentParser, run_cli
-from .generate import open_model, open_source
+from .generate import add_model_args, open_model, open_source
 
 
 def parse_args(argv):
-    from ..attention_kernels import ATTENTION_CHOICES
-
     p = ArgumentParser(prog="lamda-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, metavar="EXPORT_OR_CHECKPOINT_DIR",
-                   help="an export dir (lamda-export), or a run dir / RUN/checkpoints / one checkpoint dir")
+    add_model_args(p)
     p.add_argument("--tasks", default="demo", help="comma-separated task names; demo: the project's own (default)")
     p.add_argument("--include-path", type=Path, default=None, metavar="DIR", help="a dir of task YAML files")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the one beside the model)")
     p.add_argument("--limit", type=int, default=None, help="the first N documents of each task only")
     p.add_argument("--num-fewshot", type=int, default=None, help="examples in the prompt (default: the task's)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
-                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.tasks:

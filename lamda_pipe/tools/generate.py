@@ -32,14 +32,23 @@ NO_DISCRIMINATORS = ("ranking by mean log-likelihood per token: the model was no
                      "(no dialog attributes in its run record or config.json)")
 
 
-def parse_args(argv):
+def add_model_args(p, attention_note: str = "") -> None:
+    """The flags open_source and open_model read: --model, --tokenizer, --device, --attention."""
     from ..attention_kernels import ATTENTION_CHOICES  # imports torch, which this module defers
-    p = ArgumentParser(prog="lamda-generate", description=__doc__.split("\n\n")[0])
+
     p.add_argument("--model", type=Path, required=True, metavar="EXPORT_OR_CHECKPOINT_DIR",
                    help="an export dir (lamda-export), or a run dir / RUN/checkpoints / one checkpoint dir")
-    p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to use (default: the one beside the model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
+                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto){attention_note}")
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog="lamda-generate", description=__doc__.split("\n\n")[0])
+    add_model_args(p, "; the same text for the same seed, only speed differs (lamda_pipe/attention.py)")
+    p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40, "
                                                          "as in the paper; 1 = greedy)")
@@ -50,10 +59,6 @@ def parse_args(argv):
                         "model's own SSI and safety scores if it was fine-tuned with discriminators, else by "
                         "mean log-likelihood per token")
     add_safety_threshold(p)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", metavar="KERNEL",
-                   help=f"attention kernel, one of {', '.join(ATTENTION_CHOICES)} (default auto); the same "
-                        f"text for the same seed, only speed differs (lamda_pipe/attention.py)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole context for every token instead of using the KV cache (slow)")
     return p.parse_args(argv)
