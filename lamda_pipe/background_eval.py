@@ -44,32 +44,39 @@ OUT_DIR = "lm_eval"
 NICENESS = 10
 # The flags the trainer sets on each child itself: --lm-eval-args must not give them.
 OWN_FLAGS = ("--model", "--tasks", "--json")
+_UNSET = "(set by the trainer)"  # stands for --model and --tasks while the user's flags are parsed
 # Launcher variables: with them the child would look like a rank of the job to DeepSpeed / torch.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "TORCHELASTIC_RUN_ID")
 
 
 def child_args(tasks: str, extra: str) -> list[str]:
-    """lamda-eval's flags of every child but --model/--json, checked as lamda-eval checks them
-    (one line naming the flag, before any work). Raises ConfigError."""
+    """lamda-eval's flags of every child but --model/--json, checked by lamda-eval's own parser
+    (one line naming the flag, before any work; an abbreviated flag counts as the flag). Raises
+    ConfigError."""
+    try:
+        user = shlex.split(extra)
+    except ValueError as e:
+        raise ConfigError(f"--lm-eval-args {extra!r}: {e}; quote it as one shell word") from None
+    given = parsed(["--model", _UNSET, "--tasks", _UNSET, *user])
+    own = [flag for flag, value in zip(OWN_FLAGS, (str(given.model), ",".join(given.tasks), given.json))
+           if value not in (_UNSET, None)]
+    if own:
+        raise ConfigError(f"--lm-eval-args gives {own[0]}, which the trainer sets for each checkpoint; name the "
+                          f"tasks with --lm-eval and drop {', '.join(OWN_FLAGS)} from --lm-eval-args")
+    argv = ["--tasks", tasks, *user, *(["--device", "cpu"] if given.device is None else [])]
+    parsed(["--model", _UNSET, *argv])
+    return argv
+
+
+def parsed(argv: list[str]):
+    """lamda-eval's parse of argv; its refusal as a ConfigError of --lm-eval's."""
     from .tools.eval_lm import parse_args
 
     try:
-        argv = shlex.split(extra)
-    except ValueError as e:
-        raise ConfigError(f"--lm-eval-args {extra!r}: {e}; quote it as one shell word") from None
-    own = [a for a in argv if a.split("=")[0] in OWN_FLAGS]
-    if own:
-        raise ConfigError(f"--lm-eval-args gives {own[0].split('=')[0]}, which the trainer sets for each checkpoint; "
-                          f"name the tasks with --lm-eval and drop {', '.join(OWN_FLAGS)} from --lm-eval-args")
-    argv = ["--tasks", tasks, *argv]
-    if flag_value(argv, "--device") is None:
-        argv += ["--device", "cpu"]
-    try:
-        parse_args(["--model", "CHECKPOINT", *argv])
+        return parse_args(argv)
     except DataError as e:  # lamda-eval's own message names the flag
         raise ConfigError(f"--lm-eval / --lm-eval-args: {e}") from None
-    return argv
 
 
 def check_harness(argv: list[str]) -> None:
@@ -78,12 +85,12 @@ def check_harness(argv: list[str]) -> None:
     argv: child_args(...)."""
     import importlib.util
 
-    from .tools.eval_lm import check_task_names, parse_args
+    from .tools.eval_lm import check_task_names
 
     if importlib.util.find_spec("lm_eval") is None:
         raise ConfigError("--lm-eval needs lm-evaluation-harness: pip install 'lamda-pipe[hf]' (or lm-eval), "
                           "or drop --lm-eval")
-    args = parse_args(["--model", "CHECKPOINT", *argv])
+    args = parsed(["--model", _UNSET, *argv])
     if any(n != "demo" for n in args.tasks):
         try:
             check_task_names(args.tasks, args.include_path)
@@ -123,6 +130,7 @@ class BackgroundEval:
         self.out = Path(run_dir) / OUT_DIR
         self.argv, self.every = argv, every
         self.enabled = enabled and argv is not None
+        self.device = parsed(["--model", _UNSET, *argv]).device if self.enabled else None
         self.report, self.log, self.clock = report, log, clock
         self.command = command or [sys.executable, "-m", __name__]
         self._child: _Child | None = None
@@ -186,7 +194,7 @@ class BackgroundEval:
         _, partial, log_path = self._paths(step)
         partial.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-        if flag_value(self.argv, "--device") == "cpu":
+        if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA context on a device a stage is using
         log = open(log_path, "w")
         cmd = [*self.command, "--model", str(tag_dir), "--json", str(partial), *self.argv]
@@ -208,17 +216,6 @@ class BackgroundEval:
             return
         os.replace(partial, final)
         self.report(child.step, child.samples, scores(json.loads(final.read_text())["results"]), seconds)
-
-
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of `flag` in argv (`--flag V` or `--flag=V`; the last one wins, as in argparse)."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
 
 
 def with_group(proc: subprocess.Popen, sig: int) -> None:

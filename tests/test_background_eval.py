@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lamda_pipe.background_eval import BackgroundEval, child_args, flag_value, scores
+from lamda_pipe.background_eval import BackgroundEval, child_args, scores
 from lamda_pipe.errors import ConfigError
 from lamda_pipe.run_config import RunConfig
 
@@ -54,7 +54,7 @@ out.write_text(json.dumps({"step": step, "env": env, "results": {"t": {
 def test_lm_eval_flags_are_checked_with_the_run_flags():
     ok = RunConfig(lm_eval="demo", save_every=10, lm_eval_every=20, lm_eval_args="--limit 5 --batch-size 2")
     assert ok.lm_eval_argv == ["--tasks", "demo", "--limit", "5", "--batch-size", "2", "--device", "cpu"]
-    assert flag_value(RunConfig(lm_eval="demo", lm_eval_args="--device=cuda:7").lm_eval_argv, "--device") == "cuda:7"
+    assert RunConfig(lm_eval="demo", lm_eval_args="--device=cuda:7").lm_eval_argv == ["--tasks", "demo", "--device=cuda:7"]
     assert RunConfig().lm_eval_argv is None
     refusals = [
         (dict(lm_eval_every=10), "--lm-eval-every applies to --lm-eval TASKS"),
@@ -63,6 +63,8 @@ def test_lm_eval_flags_are_checked_with_the_run_flags():
         (dict(lm_eval="demo", lm_eval_every=0), "must be a multiple of --save-every"),
         (dict(lm_eval="demo", lm_eval_args="--json x.json"), "--lm-eval-args gives --json, which the trainer sets"),
         (dict(lm_eval="demo", lm_eval_args="--model=m"), "--lm-eval-args gives --model"),
+        (dict(lm_eval="demo", lm_eval_args="--js out.json"), "--lm-eval-args gives --json"),  # abbreviated
+        (dict(lm_eval="demo", lm_eval_args="--tasks demo"), "--lm-eval-args gives --tasks"),
         (dict(lm_eval="demo", lm_eval_args="--limit 0"), "--limit must be >= 1"),
         (dict(lm_eval="demo", lm_eval_args="--no-such-flag"), "unrecognized arguments: --no-such-flag"),
         (dict(lm_eval="demo", lm_eval_args="--limit '5"), "quote it as one shell word"),
