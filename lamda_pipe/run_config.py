@@ -91,10 +91,9 @@ class RunConfig:
     attention: str = _flag("auto", "attention kernel (lamda_pipe/attention.py): auto picks per device and length",
                            choices=_attention_kernels)
     compile: bool = _flag(False, "compile each transformer block with torch.compile (inductor), in place: the same "
-                          "checkpoints with or without it. Expected to pay on CUDA (bench/gpu.py: compiled blocks "
-                          "with flex attention reached 51.9%% MFU on an H200 against 40.7%% eager, "
-                          "docs/benchmarks.md); not yet measured inside the engine, hence off by default. The first "
-                          "steps take longer while the blocks compile; needs a C++ compiler on CPU", type=bool)
+                          "checkpoints with or without it. Expected to pay on CUDA (docs/benchmarks.md, bench/gpu.py); "
+                          "not yet measured inside the engine, hence off by default. The first steps take longer "
+                          "while the blocks compile; needs a C++ compiler on CPU", type=bool)
     peak_tflops: float | None = _flag(None, "peak TFLOP/s of one device, for the MFU in the logs (default: the bf16 "
                                       "peak of a known GPU: A100, H100, H200; none on CPU)", type=float, metavar="X")
     sample_prompt: str = _flag("And God said", "prompt for the sample printed at the end", metavar="TEXT")
