@@ -5,7 +5,6 @@ previous checkpoint and `latest` are intact."""
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import subprocess
 import time
@@ -122,16 +121,10 @@ def twelve_mb_disk(tmp_path):
 
 
 def run_demo_on(run_dir: Path, *flags: str, direct: bool = False) -> subprocess.CompletedProcess:
-    """The demo on 2 ranks through the deepspeed launcher, or started without one (direct)."""
-    from tests.dist_utils import free_port, launch_direct
-    from tests.test_e2e import DEEPSPEED, DS_TRAIN, ROOT
+    """The demo on 2 ranks (tests.test_e2e.launch) without validation or sample, its status unchecked."""
+    from tests.test_e2e import launch
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    args = [DS_TRAIN, "--run-dir", str(run_dir), "--eval-every", "0", "--sample-tokens", "0", *flags]
-    if direct:
-        return launch_direct(args, 2, cwd=ROOT, env=env, timeout=240)
-    return subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    return launch(run_dir, "--eval-every", "0", "--sample-tokens", "0", *flags, check=False, direct=direct)
 
 
 @pytest.mark.launch
