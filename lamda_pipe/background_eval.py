@@ -41,6 +41,7 @@ from typing import IO, Callable
 from .errors import ConfigError, DataError
 
 OUT_DIR = "lm_eval"
+PARENT_VAR = "LAMDA_PIPE_EVAL_PARENT"  # the trainer's pid, for the child's die_with_parent
 NICENESS = 10
 # The flags the trainer sets on each child itself: --lm-eval-args must not give them.
 OWN_FLAGS = ("--model", "--tasks", "--json")
@@ -118,8 +119,8 @@ class _Child:
 
 class BackgroundEval:
     """Rank 0's harness evaluations of saved checkpoints, one child at a time. On other ranks
-    (enabled=False) every call does nothing. Use as a context manager: leaving it kills a child
-    still running (a stop, a failure); `finish()` waits for it instead."""
+    (enabled=False) every call does nothing. `close()` kills a child still running (a stop, a
+    failure); `finish()` waits for it instead."""
 
     def __init__(self, run_dir: Path, argv: list[str] | None, every: int, *, enabled: bool,
                  report: Callable[[int, int, dict, float], None], log: Callable[[str], None] = print,
@@ -134,12 +135,6 @@ class BackgroundEval:
         self.report, self.log, self.clock = report, log, clock
         self.command = command or [sys.executable, "-m", __name__]
         self._child: _Child | None = None
-
-    def __enter__(self) -> "BackgroundEval":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def pinned(self) -> set[str]:
         """Checkpoint tags a child is reading: --keep-last must not delete them yet."""
@@ -194,6 +189,7 @@ class BackgroundEval:
         _, partial, log_path = self._paths(step)
         partial.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+        env[PARENT_VAR] = str(os.getpid())
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA context on a device a stage is using
         log = open(log_path, "w")
@@ -226,20 +222,15 @@ def with_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """The child: lower priority, dies with the trainer, then lamda-eval."""
-    from .lifecycle import PR_SET_PDEATHSIG
+    """The child: the lowest priority, dies with the trainer (whose pid _start passes, so that a
+    trainer that is itself PID 1, in a container, is told from one that died), then lamda-eval."""
+    from .lifecycle import die_with_parent
 
     os.nice(NICENESS)
     with contextlib.suppress(AttributeError, OSError):  # Linux: CPU time only when no rank wants it
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: close() still stops it on every exit path of the trainer but a SIGKILL
-    if os.getppid() == 1:  # the trainer died before the request took effect
-        return 1
+    # elsewhere than Linux, close() still stops it on every exit path of the trainer but a SIGKILL
+    die_with_parent(int(os.environ.pop(PARENT_VAR, os.getppid())), signal.SIGTERM)
     from .tools.eval_lm import main
 
     return main(argv)

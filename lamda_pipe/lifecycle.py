@@ -151,21 +151,25 @@ def watch_from_start() -> JobStart:
     parent = os.getppid()
     chain = job_ancestors()
     if chain and is_launcher(_cmdline(parent)):
-        _die_with_parent(parent)
+        die_with_parent(parent)
     return JobStart(chain, parent, launcher_orphaned(chain, parent))
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int, sig: int = PARENT_DEATH_SIGNAL) -> bool:
+    """Has the kernel send this process `sig` when `parent` dies (Linux: PR_SET_PDEATHSIG), and
+    sends it now if `parent` is already gone. False where the request is not possible (not
+    Linux): then the caller's own polling must notice."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
-            return
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
     except (OSError, AttributeError):
-        return  # not Linux: the watchdog's polling covers it once it runs
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
 
 
 @dataclass
